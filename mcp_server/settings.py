@@ -1,0 +1,105 @@
+"""The bridge's configuration: one typed object, read once at start and passed in."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ToolKind = Literal["chat", "embed", "complete"]
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _env(name: str, *aliases: str) -> AliasChoices:
+    # An explicit alias switches off env_prefix for that field, so the prefixed name is listed too.
+    return AliasChoices(name, f"LLM_HUB_{name.upper()}", *aliases)
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class BridgeSettings(BaseSettings):
+    """Every setting is an environment variable (`LLM_HUB_` + the name) and most are CLI flags."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_HUB_",
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    lmstudio_url: str = Field(
+        "http://localhost:1234",
+        validation_alias=_env("lmstudio_url", "LMSTUDIO_URL"),
+        description="Base URL of LM Studio's server (or any OpenAI-compatible server).",
+    )
+    lmstudio_api_token: SecretStr | None = Field(
+        None,
+        validation_alias=_env("lmstudio_api_token", "LMSTUDIO_API_TOKEN", "LM_API_TOKEN"),
+        description="Bearer token, when LM Studio's server requires authentication.",
+    )
+    poll_interval: float = Field(30.0, gt=0, description="Seconds between model-list polls.")
+    request_timeout: float = Field(
+        300.0, gt=0, description="Seconds a single LM Studio request may take (model loading included)."
+    )
+    heartbeat_interval: float = Field(
+        5.0, gt=0, le=5, description="Seconds between keep-alive progress updates while no text arrives."
+    )
+    include_models: CommaList = Field(["*"], description="Globs on the model id: only these become tools.")
+    exclude_models: CommaList = Field([], description="Globs on the model id: these never become tools.")
+    tools: Annotated[list[ToolKind], NoDecode] = Field(
+        ["chat", "embed"], description="Tool kinds to offer: chat, embed, complete."
+    )
+    log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    transport: Literal["stdio", "http"] = "stdio"
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=0, le=65535)
+    allowed_hosts: CommaList = Field(
+        [], description="Extra Host header values accepted over HTTP (e.g. 'bridge:3000' in Compose)."
+    )
+    allowed_origins: CommaList = Field([], description="Extra Origin values accepted over HTTP.")
+    bridge_token: SecretStr | None = Field(
+        None, description="When set, HTTP clients of /mcp must send 'Authorization: Bearer <token>'."
+    )
+
+    @field_validator("include_models", "exclude_models", "allowed_hosts", "allowed_origins", "tools", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("lmstudio_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+
+def env_name(field: str) -> str:
+    """The primary environment variable behind a settings field, for messages and --help."""
+    info = BridgeSettings.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        # The un-prefixed LM Studio names are the documented ones.
+        names = [str(choice) for choice in alias.choices]
+        return next((n for n in names if n.isupper() and not n.startswith("LLM_HUB_")), names[1])
+    return f"LLM_HUB_{field.upper()}"
