@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -10,6 +11,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 from mcp import Client, StdioServerParameters
 
@@ -76,6 +79,26 @@ def _env_for(settings: BridgeSettings) -> dict[str, str]:
             value = value.get_secret_value()
         env[f"LLM_HUB_{name.upper()}"] = str(value)
     return env
+
+
+FAKE_SCRIPT = Path(__file__).with_name("fake_lmstudio.py")
+
+
+@asynccontextmanager
+async def fake_process(*args: str) -> AsyncIterator[tuple[anyio.abc.Process, str]]:
+    """The fake LM Studio in a process of its own, which a test can kill like a real server."""
+    process = await anyio.open_process([sys.executable, str(FAKE_SCRIPT), "--port", "0", *args])
+    try:
+        assert process.stdout is not None
+        with anyio.fail_after(20):
+            line = await process.stdout.receive()
+        url = re.search(rb"http://[\w.:\[\]]+", line)
+        assert url, line
+        yield process, url.group().decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()
 
 
 Connect = Callable[..., AbstractAsyncContextManager[Client]]

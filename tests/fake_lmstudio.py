@@ -454,7 +454,9 @@ class FakeLMStudio:
             headers={"content-length": str(len(encoded))},
         )
 
-    async def _chunks(self, reply: _Reply, chunk: _ChunkMaker, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _chunks(
+        self, reply: _Reply, chunk: _ChunkMaker, *, chat: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
         """The SSE body shared by both completion endpoints; `chunk(delta, finish)` shapes one chunk."""
         if self.mode == "slow":
             await anyio.sleep(self.slow_seconds)

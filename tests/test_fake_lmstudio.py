@@ -76,7 +76,9 @@ async def test_v1_surface_shapes(fake: FakeLMStudio, client: httpx2.AsyncClient)
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("surface", "answering"), [("v0", {"/api/v0/models", "/v1/models"}), ("openai", {"/v1/models"})])
+@pytest.mark.parametrize(
+    ("surface", "answering"), [("v0", {"/api/v0/models", "/v1/models"}), ("openai", {"/v1/models"})]
+)
 async def test_older_surfaces(surface: str, answering: set[str]) -> None:
     fake = FakeLMStudio(surface=surface)  # type: ignore[arg-type]
     async with serve(fake.app) as url, httpx2.AsyncClient(base_url=url) as http:
@@ -275,7 +277,8 @@ def test_command_line() -> None:
         assert proc.stdout is not None
         url = proc.stdout.readline().split(" on ")[1].split()[0]
         models = httpx2.get(f"{url}/api/v0/models").json()["data"]
-        assert [(m["id"], m["type"], m["publisher"]) for m in models] == [("a/b", "llm", "a"), ("c/embed-d", "embeddings", "c")]
+        summary = [(m["id"], m["type"], m["publisher"]) for m in models]
+        assert summary == [("a/b", "llm", "a"), ("c/embed-d", "embeddings", "c")]
         answer = httpx2.post(f"{url}/v1/chat/completions", json={"model": "a/b", "messages": []}).json()
         assert answer["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4 "
     finally:
