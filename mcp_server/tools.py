@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import mcp_types as types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.json_schema import SkipJsonSchema
 
 from mcp_server.lmstudio import ModelInfo
 from mcp_server.settings import ToolKind
@@ -36,23 +35,25 @@ class Message(_Args):
 
 
 class _Sampling(_Args):
-    temperature: float | SkipJsonSchema[None] = Field(None, ge=0, le=2, description="Sampling temperature.")
-    max_tokens: int | SkipJsonSchema[None] = Field(None, ge=1, description="Upper bound on generated tokens.")
-    top_p: float | SkipJsonSchema[None] = Field(None, gt=0, le=1, description="Nucleus sampling probability mass.")
-    stop: str | list[str] | SkipJsonSchema[None] = Field(None, description="Stop sequence(s).")
-    seed: int | SkipJsonSchema[None] = Field(None, description="Seed for reproducible sampling.")
+    # Optional fields are typed without `| None` (default None, never validated): the schema a
+    # calling model reads stays free of anyOf-null branches, and errors name the field plainly.
+    temperature: float = Field(None, ge=0, le=2, description="Sampling temperature.")
+    max_tokens: int = Field(None, ge=1, description="Upper bound on generated tokens.")
+    top_p: float = Field(None, gt=0, le=1, description="Nucleus sampling probability mass.")
+    stop: str | list[str] = Field(None, description="Stop sequence(s).")
+    seed: int = Field(None, description="Seed for reproducible sampling.")
 
     def sampling(self) -> dict[str, Any]:
         return self.model_dump(include=set(_Sampling.model_fields), exclude_none=True)
 
 
 class ChatArgs(_Sampling):
-    prompt: str | SkipJsonSchema[None] = Field(None, description="The user message. Give this or `messages`.")
-    messages: list[Message] | SkipJsonSchema[None] = Field(
+    prompt: str = Field(None, description="The user message. Give this or `messages`.")
+    messages: list[Message] = Field(
         None, min_length=1, description="A whole conversation, oldest first. Give this or `prompt`."
     )
-    system: str | SkipJsonSchema[None] = Field(None, description="System prompt put before the conversation.")
-    json_schema: dict[str, Any] | SkipJsonSchema[None] = Field(
+    system: str = Field(None, description="System prompt put before the conversation.")
+    json_schema: dict[str, Any] = Field(
         None, description="A JSON Schema the answer must follow (structured output); the answer is then JSON."
     )
 
