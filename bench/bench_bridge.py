@@ -36,7 +36,6 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKE_SCRIPT = ROOT / "tests" / "fake_lmstudio.py"
 LLM_HUB = str(Path(sys.executable).with_name("llm-hub"))
 MODEL = "google/gemma-3-270m"
 CHAT_TOOL = "chat_google_gemma-3-270m"
@@ -49,6 +48,29 @@ TARGET_ADDED_MS = 1.0
 TARGET_STREAM_RATIO = 0.9
 TARGET_COLD_RATIO = 1.3
 TARGET_RSS_MB = 100.0
+
+# tests/fake_lmstudio.py binds its listening socket with proto 0, so asyncio does not set TCP_NODELAY on
+# the connections it accepts, and every request on a kept-alive connection stalls ~40 ms on Nagle plus
+# delayed ACK. That would swamp the direct baseline, so run the same CLI with a proper TCP socket.
+FAKE_LAUNCHER = """\
+import socket
+import sys
+
+sys.path.insert(0, {root!r})
+from tests import fake_lmstudio
+
+
+def bind_tcp(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+fake_lmstudio._bind = bind_tcp
+fake_lmstudio.main()
+"""
 
 # A bare SDK server with one no-op tool: what any tool call costs before the bridge does anything.
 FLOOR_SERVER = '''\
@@ -193,8 +215,8 @@ async def wait_http(url: str, *, ok: Callable[[httpx2.Response], bool], timeout:
 
 
 @asynccontextmanager
-async def fake_lmstudio(chunks: int, log: TextIO) -> AsyncIterator[str]:
-    cmd = [sys.executable, str(FAKE_SCRIPT), "--port", "0", "--models", MODEL, "--chunks", str(chunks)]
+async def fake_lmstudio(launcher: Path, chunks: int, log: TextIO) -> AsyncIterator[str]:
+    cmd = [sys.executable, str(launcher), "--port", "0", "--models", MODEL, "--chunks", str(chunks)]
     async with spawned(cmd, env=clean_env(), log=log, capture_stdout=True) as process:
         assert process.stdout is not None
         first = b""
@@ -286,6 +308,19 @@ def direct_call(http: httpx2.AsyncClient, url: str) -> TimedCall:
     return call
 
 
+def direct_call_new_connection(http: httpx2.AsyncClient, url: str) -> TimedCall:
+    """Like the bridge: stop at `[DONE]`, so the unfinished response takes its connection with it."""
+
+    async def call() -> None:
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=chat_body()) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    break
+
+    return call
+
+
 async def interleaved_latency(calls: dict[str, TimedCall], count: int, warmup: int) -> dict[str, Latency]:
     """Rounds of one call per target, rotating the order, so drift on a noisy machine hits all alike."""
     names = list(calls)
@@ -371,6 +406,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     quiet: bool = args.json
     floor_script = workdir / "floor_server.py"
     floor_script.write_text(FLOOR_SERVER)
+    fake_launcher = workdir / "fake_lmstudio_tcp.py"
+    fake_launcher.write_text(FAKE_LAUNCHER.format(root=str(ROOT)))
     result: dict[str, Any] = {
         "config": {"calls": args.calls, "warmup": args.warmup, "runs": args.runs, "stream_runs": args.stream_runs,
                    "short_chunks": SHORT_CHUNKS, "stream_chunks": STREAM_CHUNKS},
@@ -383,8 +420,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             return stack.enter_context(open(workdir / f"{name}.log", "w"))  # noqa: SIM115 - closed by the stack
 
         note("starting fake LM Studio, bridges and SDK floor servers", quiet)
-        short_url = await stack.enter_async_context(fake_lmstudio(SHORT_CHUNKS, log("fake-short")))
-        long_url = await stack.enter_async_context(fake_lmstudio(STREAM_CHUNKS, log("fake-long")))
+        short_url = await stack.enter_async_context(fake_lmstudio(fake_launcher, SHORT_CHUNKS, log("fake-short")))
+        long_url = await stack.enter_async_context(fake_lmstudio(fake_launcher, STREAM_CHUNKS, log("fake-long")))
         http = await stack.enter_async_context(httpx2.AsyncClient(timeout=60))
 
         bridges: dict[str, tuple[Client, int]] = {}
@@ -419,6 +456,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         latency = await interleaved_latency(
             {
                 "direct": direct_call(http, short_url),
+                "direct_new_connection": direct_call_new_connection(http, short_url),
                 "floor_stdio": floor_call(floor_stdio[0]),
                 "floor_http": floor_call(floor_http_client),
                 "bridge_stdio": bridge_call(bridges["stdio-short"][0]),
@@ -546,6 +584,7 @@ def render(result: dict[str, Any]) -> str:
     ]
     labels = {
         "direct": "direct httpx2 POST to fake LM Studio (SSE)",
+        "direct_new_connection": "  same, new connection per call (as the bridge)",
         "floor_stdio": "SDK floor: no-op tool, stdio",
         "floor_http": "SDK floor: no-op tool, HTTP",
         "bridge_stdio": "bridge chat tool, stdio",

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import mcp_types as types
+from loguru import logger
 
 from mcp_server.errors import BadUpstreamResponse, LMStudioError, UpstreamTimeout
 from mcp_server.lmstudio import LMStudioClient
@@ -88,17 +89,26 @@ async def _stream(client: LMStudioClient, path: str, body: dict[str, Any], gen: 
         nonlocal wake
         beats = 0
         while True:
-            with anyio.move_on_after(heartbeat):
+            with anyio.move_on_after(heartbeat) as waited:
                 await wake.wait()
             wake = anyio.Event()
             if pending:
                 message = "".join(pending)
                 pending.clear()
-                await report(gen.tokens + beats * _BEAT_STEP, message)
-            elif not done:
+            elif done:
+                return
+            elif waited.cancelled_caught:
                 beats += 1
-                await report(gen.tokens + beats * _BEAT_STEP, WAITING)
-            if done:
+                message = WAITING
+            else:
+                continue  # woken for text an earlier notification already carried
+            try:
+                await report(gen.tokens + beats * _BEAT_STEP, message)
+            except Exception as exc:
+                # A caller that cannot take progress any more still gets its result.
+                logger.debug("progress not delivered, no more will be sent: {!r}", exc)
+                return
+            if done and not pending:
                 return
 
     async def read() -> None:

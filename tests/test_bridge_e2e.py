@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -173,3 +174,20 @@ async def test_bad_arguments_name_the_field(connect: Connect, lmstudio: tuple[Fa
     assert both.is_error and "exactly one of `prompt` or `messages`" in _text(both)
     assert unknown.is_error and "promt" in _text(unknown)
     assert fake.requests == []  # nothing bad reached LM Studio
+
+
+async def test_list_models_tool_and_resource_agree(connect: Connect, lmstudio: tuple[FakeLMStudio, str]) -> None:
+    fake, url = lmstudio
+    async with connect(bridge_settings(url)) as client:
+        await _wait_for(lambda: fake.listing_calls > 0)
+        with anyio.fail_after(10):
+            while not (listed := (await client.call_tool("list_models", {})).structured_content)["models"]:
+                await anyio.sleep(0.1)
+        resources = await client.list_resources()
+        assert [str(r.uri) for r in resources.resources] == ["llm-hub://models"]
+        read = await client.read_resource("llm-hub://models")
+    as_resource = json.loads(read.contents[0].text)  # type: ignore[union-attr]
+    assert as_resource["models"] == listed["models"]
+    chat = next(m for m in listed["models"] if m["id"] == "google/gemma-3-270m")
+    assert chat["tools"] == [CHAT_TOOL] and chat["loaded"] is True and chat["context_length"] == 4096
+    assert listed["lmstudio"] == {"url": url, "reachable": True, "api": "lmstudio-v1", "last_error": None}
