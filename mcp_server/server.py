@@ -15,14 +15,10 @@ from typing import Any
 import anyio
 import mcp_types as types
 from loguru import logger
-from mcp.server import NotificationOptions, Server, ServerRequestContext
-from mcp.server.models import InitializationOptions
-from mcp.server.session import ServerSession
+from mcp.server import Server, ServerRequestContext
 from mcp.server.stdio import stdio_server
-from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourcesListChanged, ToolsListChanged
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
@@ -32,6 +28,7 @@ from mcp_server import __version__
 from mcp_server.calls import Report, embed, embed_result, error_result, generate, generation_result
 from mcp_server.errors import LMStudioError, ModelNotFound
 from mcp_server.lmstudio import LMStudioClient
+from mcp_server.notify import ChangeNotifier, ListChangedServer
 from mcp_server.registry import ModelRegistry
 from mcp_server.settings import BridgeSettings
 from mcp_server.tools import (
@@ -46,8 +43,6 @@ from mcp_server.tools import (
 )
 
 MODELS_URI = "llm-hub://models"
-# One attempt per stale session when telling clients about a change; a dead peer must not stall the rest.
-_NOTIFY_TIMEOUT = 5.0
 
 
 class Bridge:
@@ -58,11 +53,9 @@ class Bridge:
         token = settings.lmstudio_api_token.get_secret_value() if settings.lmstudio_api_token else None
         self.client = LMStudioClient(settings.lmstudio_url, token=token, timeout=settings.request_timeout)
         self.registry = ModelRegistry(self.client, settings)
-        self.bus = InMemorySubscriptionBus()
-        # Handshake-era connections, keyed by identity of their session; 2026-era ones listen on the bus.
-        self._sessions: dict[int, ServerSession] = {}
-        self.registry.on_change(self._announce_change)
-        self.server = _ListChangedServer(
+        self.notifier = ChangeNotifier()
+        self.registry.on_change(self.notifier.tools_changed)
+        self.server = ListChangedServer(
             "llm-hub",
             version=__version__,
             title="LM Studio models (llm-hub)",
@@ -76,9 +69,8 @@ class Bridge:
             on_call_tool=self._call_tool,
             on_list_resources=self._list_resources,
             on_read_resource=self._read_resource,
-            on_subscriptions_listen=ListenHandler(self.bus),
         )
-        self.server.add_notification_handler("notifications/initialized", types.NotificationParams, self._initialized)
+        self.notifier.attach(self.server)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -95,27 +87,6 @@ class Bridge:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.client.__aexit__(*exc_info)
-
-    # -- change notifications ------------------------------------------------------------
-
-    async def _initialized(self, ctx: ServerRequestContext[Any], _params: types.NotificationParams) -> None:
-        self._sessions[id(ctx.session)] = ctx.session
-
-    async def _announce_change(self) -> None:
-        await self.bus.publish(ToolsListChanged())
-        await self.bus.publish(ResourcesListChanged())
-        async with anyio.create_task_group() as tg:
-            for key, session in list(self._sessions.items()):
-                tg.start_soon(self._notify_session, key, session)
-
-    async def _notify_session(self, key: int, session: ServerSession) -> None:
-        try:
-            with anyio.fail_after(_NOTIFY_TIMEOUT):
-                await session.send_ping()  # the cheapest way to learn the peer is gone
-                await session.send_tool_list_changed()
-                await session.send_resource_list_changed()
-        except Exception:
-            self._sessions.pop(key, None)
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -266,23 +237,6 @@ def _reporter(ctx: ServerRequestContext[Any]) -> Report:
         await ctx.session.report_progress(progress, None, message)
 
     return report
-
-
-class _ListChangedServer(Server[Any]):
-    """The SDK builds HTTP and in-memory sessions with default options, which advertise
-    `tools.listChanged: false`; our tool list does change, so say so on every transport."""
-
-    def create_initialization_options(
-        self,
-        notification_options: NotificationOptions | None = None,
-        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
-        extensions: dict[str, dict[str, Any]] | None = None,
-    ) -> InitializationOptions:
-        return super().create_initialization_options(
-            notification_options or NotificationOptions(tools_changed=True, resources_changed=True),
-            experimental_capabilities,
-            extensions,
-        )
 
 
 class BearerGuard:

@@ -30,7 +30,7 @@ async def test_each_model_becomes_a_tool(connect: Connect, lmstudio: tuple[FakeL
     async with connect(bridge_settings(url)) as client:
         await _wait_for(lambda: fake.listing_calls > 0)
         with anyio.fail_after(10):
-            while len((tools := (await client.list_tools(cache_mode="refresh")).tools)) < 3:
+            while len(tools := (await client.list_tools(cache_mode="refresh")).tools) < 3:
                 await anyio.sleep(0.1)
     by_name = {t.name: t for t in tools}
     assert set(by_name) == {"list_models", CHAT_TOOL, EMBED_TOOL}
