@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", parents=[common], help="serve MCP over streamable HTTP at /mcp", epilog=_EPILOG)
     commands.add_parser("check", parents=[common], help="show what LM Studio serves and the tools it becomes",
                         epilog=_EPILOG)
+    up = commands.add_parser(
+        "up", parents=[common], epilog=_EPILOG,
+        help="a bridge (127.0.0.1:3000) and a gateway (--host/--port, default 127.0.0.1:8080) in one process",
+        description="Run a bridge and, in front of it, an authenticated gateway: one command for local networked "
+        "use. --host/--port are the gateway's; the gateway's settings (LLM_HUB_API_KEYS ...) come from the "
+        "environment, see llm-hub-gateway --help.",
+    )
+    up.add_argument("--bridge-port", type=int, default=3000, help="the bridge's loopback port (default 3000)")
     return parser
 
 
@@ -88,11 +96,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as exc:
         sys.stderr.write(f"llm-hub: {describe_error(exc)}\n")
         raise SystemExit(2) from None
+    if args.command == "up":
+        _up(args)
+        return
     setup_logging(settings.log_level, settings.log_format)
     if args.command == "check":
         raise SystemExit(anyio.run(check, settings))
     try:
         anyio.run(serve, settings)
+    except KeyboardInterrupt:
+        pass
+
+
+def _up(args: argparse.Namespace) -> None:
+    from gateway.cli import up  # the gateway is only needed for this command
+
+    flags = {field: getattr(args, field) for _, field, _, _ in _FLAGS if hasattr(args, field)}
+    gateway = {name: flags.pop(name) for name in ("host", "port", "log_level", "log_format") if name in flags}
+    for name in ("log_level", "log_format"):
+        if name in gateway:
+            flags[name] = gateway[name]
+    try:
+        anyio.run(up, args.bridge_port, gateway, flags)
     except KeyboardInterrupt:
         pass
 

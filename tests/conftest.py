@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -13,6 +14,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 
@@ -132,3 +134,58 @@ def connect(request: pytest.FixtureRequest) -> Connect:
     factory.transport = transport  # type: ignore[attr-defined]
     factory.mode = mode  # type: ignore[attr-defined]
     return factory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@asynccontextmanager
+async def service(command: list[str], env: dict[str, str], health_url: str, log: Path,
+                  ready: tuple[int, ...] = (200, 503)) -> AsyncIterator[anyio.abc.Process]:
+    """A server process (logs to `log`), ready once `health_url` answers with one of `ready`."""
+    with log.open("ab") as sink:
+        process = await anyio.open_process(command, env=env, stdout=sink, stderr=sink)
+    try:
+        async with httpx2.AsyncClient() as http:
+            with anyio.fail_after(30):
+                while True:
+                    if process.returncode is not None:
+                        raise RuntimeError(f"{command[0]} exited {process.returncode}: {log.read_text()[-2000:]}")
+                    try:
+                        if (await http.get(health_url)).status_code in ready:
+                            break
+                    except httpx2.TransportError:
+                        pass
+                    await anyio.sleep(0.1)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            with anyio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+        await process.aclose()
+
+
+def bridge_process(lmstudio_url: str, port: int, log: Path, **env: str) -> AbstractAsyncContextManager[anyio.abc.Process]:
+    """`llm-hub serve` on a loopback port, in front of `lmstudio_url`."""
+    settings = bridge_settings(lmstudio_url, port=port, log_format="json", poll_interval=0.3)
+    return service([llm_hub_command(), "serve"], {**_env_for(settings), **env}, f"http://127.0.0.1:{port}/health", log)
+
+
+def gateway_command() -> str:
+    return str(Path(llm_hub_command()).with_name("llm-hub-gateway"))
+
+
+def gateway_process(bridges: list[str], port: int, log: Path, **env: str) -> AbstractAsyncContextManager[anyio.abc.Process]:
+    """`llm-hub-gateway` on a loopback port in front of `bridges`; healthy once one bridge is."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_HUB_", "LMSTUDIO_", "LM_API"))}
+    values = {
+        "LLM_HUB_BRIDGES": ",".join(bridges), "LLM_HUB_PORT": str(port), "LLM_HUB_HEALTH_INTERVAL": "0.5",
+        "LLM_HUB_LOG_FORMAT": "json", **env,
+    }
+    return service([gateway_command()], {**base, **values}, f"http://127.0.0.1:{port}/health", log, ready=(200,))

@@ -1,0 +1,103 @@
+"""The gateway's ASGI app: middleware, routes and the lifespan that runs the bridge pool.
+
+A request passes, outermost first: request id -> metrics -> CORS -> body-size limit ->
+API-key auth -> rate limit -> route (MCP at /mcp, REST under /v1, /health, /metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from mcp.server.transport_security import RequestBodyLimitMiddleware
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from gateway import __version__, openapi
+from gateway.auth import ApiKeyAuth
+from gateway.metrics import Metrics, MetricsMiddleware
+from gateway.pool import BridgePool
+from gateway.ratelimit import RateLimiter, RateLimitMiddleware
+from gateway.request_id import RequestIdMiddleware
+from gateway.rest import RestApi
+from gateway.server import GatewayServer, ToolCaller
+from gateway.settings import GatewaySettings
+
+OPEN_PATHS = frozenset({"/health"})
+_MCP_HEADERS = ["Mcp-Session-Id", "Mcp-Protocol-Version", "Mcp-Method", "Mcp-Name", "Last-Event-ID"]
+
+
+class Gateway:
+    """Everything one gateway process holds."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.limiter = RateLimiter(settings)
+        self.pool = BridgePool(settings, on_change=self._tools_changed)
+        self.caller = ToolCaller(self.pool, self.metrics, settings)
+        self.mcp = GatewayServer(self.pool, self.caller)
+        self.rest = RestApi(self.pool, self.caller)
+
+    async def _tools_changed(self) -> None:
+        await self.mcp.notifier.tools_changed()
+
+    async def health(self, _request: Request) -> Response:
+        healthy = len(self.pool.healthy)
+        body = {
+            "status": "ok" if healthy else "unavailable",
+            "version": __version__,
+            "bridges": {"healthy": healthy, "total": len(self.pool.bridges)},
+            "tools": len(self.pool.tools()),
+        }
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        for bridge in self.pool.bridges:
+            self.metrics.set_bridge_up(bridge.name, bridge.healthy)
+        return await self.metrics.endpoint(request)
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        async with self.mcp.server.session_manager.run(), anyio.create_task_group() as tg:
+            tg.start_soon(self.pool.run)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+                await self.limiter.aclose()
+
+    def app(self) -> Starlette:
+        settings = self.settings
+        mcp_app = self.mcp.server.streamable_http_app(streamable_http_path="/mcp", host=settings.host)
+        keys = None if settings.auth_disabled else settings.keys()
+        return Starlette(
+            routes=[
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+                Route("/openapi.json", openapi.endpoint, methods=["GET"]),
+                *self.rest.routes(),
+                Mount("/", app=mcp_app),
+            ],
+            middleware=[
+                Middleware(RequestIdMiddleware),
+                Middleware(MetricsMiddleware, metrics=self.metrics),
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=settings.cors_origins,
+                    allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                    allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", *_MCP_HEADERS],
+                    expose_headers=["X-Request-ID", "Retry-After", "RateLimit-Limit", "RateLimit-Remaining",
+                                    "RateLimit-Reset", "Mcp-Session-Id"],
+                ),
+                Middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes),
+                Middleware(ApiKeyAuth, keys=keys, open_paths=OPEN_PATHS),
+                Middleware(RateLimitMiddleware, limiter=self.limiter, on_reject=self.metrics.rate_limit_rejected),
+            ],
+            lifespan=self.lifespan,
+        )

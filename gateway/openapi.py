@@ -1,0 +1,152 @@
+"""The OpenAPI 3.1 description of the gateway's plain HTTP endpoints, served at /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from gateway import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_UNAUTHORIZED = {"description": "Missing or wrong API key", "content": {"application/json": {"schema": _ERROR}}}
+_LIMITED = {
+    "description": "Rate limit exceeded; see Retry-After",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds until a retry may pass"}},
+    "content": {"application/json": {"schema": _ERROR}},
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "llm-hub gateway",
+        "version": __version__,
+        "description": (
+            "Plain HTTP access to the tools of every bridge behind this gateway (the same tools as the "
+            "MCP endpoint at /mcp). Every endpoint except GET /health needs `Authorization: Bearer <key>`."
+        ),
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+            "Tool": {
+                "type": "object",
+                "description": "An MCP tool definition",
+                "properties": {
+                    "name": {"type": "string"},
+                    "title": {"type": "string"},
+                    "description": {"type": "string"},
+                    "inputSchema": {"type": "object"},
+                    "outputSchema": {"type": "object"},
+                    "annotations": {"type": "object"},
+                },
+                "required": ["name", "inputSchema"],
+            },
+            "CallToolResult": {
+                "type": "object",
+                "description": "An MCP tool result; isError true when the call failed (the text says why)",
+                "properties": {
+                    "content": {"type": "array", "items": {"type": "object"}},
+                    "structuredContent": {"type": "object"},
+                    "isError": {"type": "boolean"},
+                },
+                "required": ["content"],
+            },
+            "Bridge": {
+                "type": "object",
+                "properties": {
+                    "url": {"type": "string"},
+                    "healthy": {"type": "boolean"},
+                    "latency_ms": {"type": ["number", "null"]},
+                    "last_check": {"type": ["string", "null"]},
+                    "last_error": {"type": ["string", "null"]},
+                    "calls": {"type": "integer"},
+                    "tools": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["url", "healthy", "tools"],
+            },
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/health": {
+            "get": {
+                "summary": "Overall state: 200 while at least one bridge is healthy, 503 otherwise",
+                "security": [],
+                "responses": {
+                    "200": _json({"type": "object"}, "At least one bridge is healthy"),
+                    "503": _json({"type": "object"}, "No bridge is healthy"),
+                },
+            }
+        },
+        "/v1/tools": {
+            "get": {
+                "summary": "The tools of all healthy bridges",
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "properties": {"tools": {"type": "array", "items": {"$ref": "#/components/schemas/Tool"}}}},
+                        "The union of the bridges' tools",
+                    ),
+                    "401": _UNAUTHORIZED,
+                    "429": _LIMITED,
+                },
+            }
+        },
+        "/v1/tools/{name}": {
+            "post": {
+                "summary": "Call a tool",
+                "description": (
+                    "The body is the tool's arguments as a JSON object. With `Accept: text/event-stream` the "
+                    "answer streams as `progress` events (`{progress, total, message}`, message = new text) "
+                    "followed by one `result` event holding the CallToolResult."
+                ),
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {
+                    "200": {
+                        "description": "The tool's result (JSON), or a stream of events (SSE)",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/CallToolResult"}},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "400": _json(_ERROR, "The body is not a JSON object"),
+                    "401": _UNAUTHORIZED,
+                    "404": _json(_ERROR, "No healthy bridge offers this tool"),
+                    "413": {"description": "Request body too large"},
+                    "429": _LIMITED,
+                },
+            }
+        },
+        "/v1/bridges": {
+            "get": {
+                "summary": "Each bridge's state, latency, tools and last error",
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "properties": {"bridges": {"type": "array", "items": {"$ref": "#/components/schemas/Bridge"}}}},
+                        "The bridges",
+                    ),
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                              "401": _UNAUTHORIZED},
+            }
+        },
+    },
+}
+
+
+async def endpoint(_request: Request) -> JSONResponse:
+    return JSONResponse(DOCUMENT)
