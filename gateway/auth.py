@@ -63,7 +63,10 @@ class ApiKeyAuth:
         outcome = self.key_name(authorizations)
         if isinstance(outcome, _Rejection):
             if outcome is _UNKNOWN:
-                logger.info("rejected {} {}: unknown API key", scope.get("method", "WEBSOCKET"), scope["path"])
+                client = (scope.get("client") or ("unknown",))[0]
+                logger.info(
+                    "rejected {} {} from {}: unknown API key", scope.get("method", "WEBSOCKET"), scope["path"], client
+                )
             await self.reject(outcome, scope, receive, send)
             return
         scope.setdefault("state", {})["key_name"] = outcome

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import Storage
@@ -27,6 +27,9 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from redis.asyncio import ConnectionPool
 
 RequestKind = Literal["tool", "other"]
 
@@ -58,7 +61,7 @@ class RateLimiter:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self._pool: Any = None
+        self._pool: ConnectionPool | None = None
         self.storage = self._open_storage(settings.redis_url)
         # Moving window: `hit()` is one atomic step in the store (a lock in memory, a Lua script in
         # Redis), so a burst cannot slip past the limit between a test and a count.
@@ -69,6 +72,7 @@ class RateLimiter:
         if redis_url is None:
             storage = storage_from_string("async+memory://")
         else:
+            # Imported here: Redis is only needed when several gateways share a budget.
             from redis.asyncio import ConnectionPool
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
@@ -156,9 +160,7 @@ class RateLimitMiddleware:
     Place it inside the authentication middleware; requests without a key name pass untouched.
     """
 
-    def __init__(
-        self, app: ASGIApp, limiter: RateLimiter, *, on_reject: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, *, on_reject: Callable[[str], None] | None = None) -> None:
         self.app = app
         self.limiter = limiter
         self.on_reject = on_reject
@@ -204,8 +206,7 @@ class RateLimitMiddleware:
             response = JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
         else:
             message = (
-                f"Rate limit exceeded for key '{key_name}': {decision.description}. "
-                f"Retry in {decision.retry_after} s."
+                f"Rate limit exceeded for key '{key_name}': {decision.description}. Retry in {decision.retry_after} s."
             )
             headers = {"Retry-After": str(decision.retry_after), **_rate_limit_headers(decision)}
             response = JSONResponse({"error": message}, status_code=429, headers=headers)

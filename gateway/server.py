@@ -22,8 +22,7 @@ from gateway.request_id import current_request_id
 from gateway.router import CallFailed, NoBridge, Progress, route_call
 from gateway.settings import GatewaySettings
 from mcp_server.notify import ChangeNotifier, ListChangedServer
-
-REQUEST_ID_META = "llm-hub/request-id"
+from mcp_server.server import REQUEST_ID_META
 
 
 class ToolCaller:

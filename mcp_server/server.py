@@ -39,10 +39,13 @@ from mcp_server.tools import (
     EmbedArgs,
     InvalidArguments,
     ListModelsArgs,
+    ModelTool,
     parse_arguments,
 )
 
 MODELS_URI = "llm-hub://models"
+REQUEST_ID_META = "llm-hub/request-id"
+"""`_meta` key under which a gateway sends its X-Request-ID with a tool call."""
 
 
 class Bridge:
@@ -120,6 +123,11 @@ class Bridge:
         except InvalidArguments as exc:
             return error_result(str(exc))
 
+        # A gateway passes its request id along, so one id follows a call through both logs.
+        with logger.contextualize(request_id=(ctx.meta or {}).get(REQUEST_ID_META)):
+            return await self._run(tool, args, _reporter(ctx))
+
+    async def _run(self, tool: ModelTool, args: Any, report: Report) -> types.CallToolResult:
         started = time.monotonic()
         settings = self.settings
         try:
@@ -127,7 +135,7 @@ class Bridge:
                 result = embed_result(await embed(self.client, tool, args, timeout=settings.request_timeout))
             else:
                 gen = await generate(
-                    self.client, tool, args, _reporter(ctx),
+                    self.client, tool, args, report,
                     timeout=settings.request_timeout, heartbeat=settings.heartbeat_interval,
                 )
                 wants_json = isinstance(args, ChatArgs) and args.json_schema is not None

@@ -247,8 +247,11 @@ async def test_rest_json_sse_bridges_and_openapi(tmp_path: Path) -> None:
         shared = next(t for t in tools if t["name"] == SHARED)
         assert "prompt" in shared["inputSchema"]["properties"]
 
-        answer = await http.post(f"/v1/tools/{ALPHA}", json={"prompt": "hi"})
-        assert answer.status_code == 200
+        answer = await http.post(f"/v1/tools/{ALPHA}", json={"prompt": "hi"}, headers={"X-Request-ID": "trace-abc-123"})
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == "trace-abc-123"
+        with anyio.fail_after(5):  # the same id is in the bridge's log line for that call
+            while "trace-abc-123" not in (top.logs / "bridge-a.log").read_text():
+                await anyio.sleep(0.1)
         body = answer.json()
         assert body["structuredContent"]["model"] == "alpha/only" and not body.get("isError")
 

@@ -90,7 +90,9 @@ def auth(key: str = ALICE, **extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", **extra}
 
 
-async def burst(client: httpx2.AsyncClient, requests: list[tuple[str, str, Any, dict[str, str]]]) -> list[httpx2.Response]:
+async def burst(
+    client: httpx2.AsyncClient, requests: list[tuple[str, str, Any, dict[str, str]]]
+) -> list[httpx2.Response]:
     """Sends all requests at once: (url, path, json body or None, headers)."""
     responses: list[httpx2.Response] = []
 
@@ -234,9 +236,10 @@ async def test_other_requests_do_not_use_the_tool_budget() -> None:
 
 async def test_other_requests_have_their_own_budget() -> None:
     with anyio.fail_after(10):
-        async with gateway(settings(request_limit="3/minute")) as gw, httpx2.AsyncClient(
-            base_url=gw.url, headers=auth()
-        ) as client:
+        async with (
+            gateway(settings(request_limit="3/minute")) as gw,
+            httpx2.AsyncClient(base_url=gw.url, headers=auth()) as client,
+        ):
             statuses = [(await client.get("/v1/models")).status_code for _ in range(5)]
             assert statuses == [200, 200, 200, 429, 429]
             refused = await client.post("/mcp", content=json.dumps(TOOLS_LIST))
@@ -252,9 +255,10 @@ async def test_other_requests_have_their_own_budget() -> None:
 
 async def test_health_is_never_limited() -> None:
     with anyio.fail_after(10):
-        async with gateway(settings(request_limit="1/minute", auth_disabled=True)) as gw, httpx2.AsyncClient(
-            base_url=gw.url
-        ) as client:
+        async with (
+            gateway(settings(request_limit="1/minute", auth_disabled=True)) as gw,
+            httpx2.AsyncClient(base_url=gw.url) as client,
+        ):
             assert [(await client.get("/health")).status_code for _ in range(5)] == [200] * 5
             assert [(await client.get("/v1/models")).status_code for _ in range(2)] == [200, 429]
             assert "for key 'anonymous'" in (await client.get("/v1/models")).json()["error"]
@@ -272,9 +276,10 @@ async def test_a_body_too_large_to_inspect_counts_and_still_reaches_the_app() ->
     pad = "x" * (MAX_INSPECTED_BODY + 1024 * 1024)
     sent = json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"pad": pad}}).encode()
     with anyio.fail_after(10):
-        async with gateway(settings(rate_limit="1/minute")) as gw, httpx2.AsyncClient(
-            base_url=gw.url, headers=auth()
-        ) as client:
+        async with (
+            gateway(settings(rate_limit="1/minute")) as gw,
+            httpx2.AsyncClient(base_url=gw.url, headers=auth()) as client,
+        ):
             first = await client.post("/mcp", content=sent)
             assert first.status_code == 200
             assert first.json() == {"sha256": hashlib.sha256(sent).hexdigest(), "size": len(sent)}
@@ -309,9 +314,10 @@ async def test_two_replicas_share_one_budget_in_redis(redis_url: str) -> None:
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
 async def test_redis_going_down(fail_open: bool, logs: list[str]) -> None:
     with redis_server() as (url, process), anyio.fail_after(10):
-        async with gateway(settings(redis_url=url, rate_limit_fail_open=fail_open)) as gw, httpx2.AsyncClient(
-            base_url=gw.url, headers=auth()
-        ) as client:
+        async with (
+            gateway(settings(redis_url=url, rate_limit_fail_open=fail_open)) as gw,
+            httpx2.AsyncClient(base_url=gw.url, headers=auth()) as client,
+        ):
             assert (await client.post("/v1/tools/x")).headers["ratelimit-remaining"] == str(N - 1)
             process.terminate()
             process.wait(5)
