@@ -22,6 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 from gateway.settings import GatewaySettings
 
 ChangeListener = Callable[[], Awaitable[None]]
+_FIRST_RETRY = 0.25
 
 
 class BridgeUnavailable(Exception):
@@ -93,15 +94,20 @@ class BridgeConnection:
     # -- the owner task ------------------------------------------------------------------
 
     async def run(self, http: httpx2.AsyncClient) -> None:
+        retry = _FIRST_RETRY
         while True:
             if await self._check(http):
+                retry = _FIRST_RETRY
                 try:
                     await self._serve_connected(http)
                 except Exception as exc:
                     self.last_error = f"connection lost: {_describe(exc)}"
                     logger.warning("bridge {}: {}", self.name, self.last_error)
                 await self._set_healthy(False)
-            await self._sleep()
+            # A bridge that is starting or restarting is back within seconds: look again soon,
+            # backing off to the health interval while it stays down.
+            await self._sleep(min(retry, self.settings.health_interval))
+            retry *= 2
 
     async def _serve_connected(self, http: httpx2.AsyncClient) -> None:
         async with httpx2.AsyncClient(
@@ -165,8 +171,8 @@ class BridgeConnection:
             logger.info("bridge {} admitted with {} tools", self.name, len(self.tools))
         await self._on_change()
 
-    async def _sleep(self) -> None:
-        with anyio.move_on_after(self.settings.health_interval):
+    async def _sleep(self, seconds: float | None = None) -> None:
+        with anyio.move_on_after(self.settings.health_interval if seconds is None else seconds):
             await self._wake.wait()
         self._wake = anyio.Event()
 

@@ -322,3 +322,22 @@ async def test_gateway_refuses_to_start_without_keys(tmp_path: Path) -> None:
                                      env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert b"LLM_HUB_API_KEYS" in result.stderr and b"LLM_HUB_AUTH_DISABLED" in result.stderr
+
+
+async def test_llm_hub_up_runs_bridge_and_gateway_together(tmp_path: Path) -> None:
+    from tests.conftest import llm_hub_command, service
+
+    fake = FakeLMStudio([FakeModel("alpha/only")])
+    gateway_port, bridge_port = free_port(), free_port()
+    env = {"PATH": "/usr/bin:/bin", "LLM_HUB_API_KEYS": f"tester:{KEY}", "LLM_HUB_LOG_FORMAT": "json"}
+    async with serve(fake.app) as url:
+        command = [llm_hub_command(), "up", "--port", str(gateway_port), "--bridge-port", str(bridge_port),
+                   "--lmstudio-url", url]
+        async with service(command, env, f"http://127.0.0.1:{gateway_port}/health", tmp_path / "up.log", ready=(200,)):
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}", headers=AUTH) as http:
+                answer = await http.post(f"/v1/tools/{ALPHA}", json={"prompt": "hi"})
+                assert answer.status_code == 200 and answer.json()["structuredContent"]["text"]
+                # The bridge listens on loopback behind a token only the gateway knows.
+                direct = await http.post(f"http://127.0.0.1:{bridge_port}/mcp", json={})
+                assert direct.status_code == 401
+    assert KEY not in (tmp_path / "up.log").read_text()
