@@ -182,6 +182,12 @@ def memory_mb(pid: int) -> dict[str, float]:
     return values
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @asynccontextmanager
 async def spawned(cmd: list[str], *, env: dict[str, str], log: TextIO,
                   capture_stdout: bool = False) -> AsyncIterator[anyio.abc.Process]:
@@ -382,6 +388,12 @@ async def bridge_stream(client: Client) -> StreamRun:
     return StreamRun(pieces, last - started, messages)
 
 
+async def churn_sessions(url: str, count: int) -> None:
+    for _ in range(count):
+        async with Client(url, mode="legacy"):
+            pass
+
+
 async def cold_start_bridge(env: dict[str, str], log: TextIO) -> float:
     started = time.perf_counter()
     async with Client(stdio_client(StdioServerParameters(command=LLM_HUB, env=env), errlog=log), mode="legacy"):
@@ -410,7 +422,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     fake_launcher.write_text(FAKE_LAUNCHER.format(root=str(ROOT)))
     result: dict[str, Any] = {
         "config": {"calls": args.calls, "warmup": args.warmup, "runs": args.runs, "stream_runs": args.stream_runs,
-                   "short_chunks": SHORT_CHUNKS, "stream_chunks": STREAM_CHUNKS},
+                   "sessions": args.sessions, "short_chunks": SHORT_CHUNKS, "stream_chunks": STREAM_CHUNKS},
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
                     "python": sys.version.split()[0]},
     }
@@ -427,6 +439,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         http_no_reuse = await stack.enter_async_context(httpx2.AsyncClient(timeout=60))
 
         bridges: dict[str, tuple[Client, int]] = {}
+        bridge_urls: dict[str, str] = {}
         for label, url in (("short", short_url), ("long", long_url)):
             params = StdioServerParameters(command=LLM_HUB, env={"LMSTUDIO_URL": url})
             bridges[f"stdio-{label}"] = await stack.enter_async_context(stdio_session(params, log(f"bridge-stdio-{label}")))
@@ -437,6 +450,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             ))
             client = await stack.enter_async_context(Client(f"{base}/mcp", mode="legacy"))
             bridges[f"http-{label}"] = (client, pid)
+            bridge_urls[f"http-{label}"] = base
         for client, _ in bridges.values():
             await wait_for_tool(client, CHAT_TOOL)
 
@@ -455,6 +469,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         # 1 + 2. latency
         note(f"latency: {args.warmup} warm-up + {args.calls} interleaved rounds", quiet)
+        servers = {
+            "bridge_stdio": bridges["stdio-short"][1],
+            "bridge_http": bridges["http-short"][1],
+            "floor_stdio": floor_stdio[1],
+            "floor_http": floor_http_pid,
+        }
+        cpu_before = {name: cpu_seconds(pid) for name, pid in servers.items()}
         latency = await interleaved_latency(
             {
                 "direct": direct_call(http, short_url),
@@ -466,7 +487,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             },
             args.calls, args.warmup,
         )
+        rounds = args.warmup + args.calls
         result["latency_ms"] = {name: vars(value) for name, value in latency.items()}
+        # Each server only serves its own calls here, so its CPU time divides cleanly (clock ticks: ~10 ms grain).
+        result["server_cpu_ms_per_call"] = {
+            name: round((cpu_seconds(pid) - cpu_before[name]) / rounds * 1000, 3) for name, pid in servers.items()
+        }
         result["added_latency"] = {
             transport: added_latency(latency, transport) for transport in ("stdio", "http")
         }
@@ -499,6 +525,19 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "floor_stdio": memory_mb(floor_stdio[1]),
             "floor_http": memory_mb(floor_http_pid),
         }
+        if args.sessions:
+            # Not a target: a server that keeps closed sessions grows with every client that comes and goes.
+            note(f"memory: {args.sessions} HTTP sessions opened and closed on the bridge and on the floor", quiet)
+            churned = {
+                "bridge_http": (bridge_urls["http-short"], bridges["http-short"][1]),
+                "floor_http": (floor_base, floor_http_pid),
+            }
+            growth: dict[str, float] = {}
+            for name, (base, pid) in churned.items():
+                before = memory_mb(pid)["VmRSS"]
+                await churn_sessions(f"{base}/mcp", args.sessions)
+                growth[name] = round(memory_mb(pid)["VmRSS"] - before, 1)
+            result["session_churn"] = {"sessions": args.sessions, "rss_growth_mb": growth}
 
         # 4. cold start, with the other servers idle
         note(f"cold start: 1 warm-up + {args.runs} runs each", quiet)
@@ -556,19 +595,20 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
 
     def check(name: str, value: float, op: str, target: float, unit: str) -> None:
-        ok = {"<=": value <= target, "<": value < target, ">=": value >= target}[op]
-        checks.append({"name": name, "value": value, "target": f"{op} {target:g}", "unit": unit,
-                       "pass": ok, "miss_by": 0.0 if ok else round(abs(value - target), 3)})
+        ok = {"<=": value <= target, "<": value < target, ">=": value >= target, "==": value == target}[op]
+        checks.append({"name": name, "value": value, "target": f"{op} {target:g}", "unit": unit, "pass": ok,
+                       "miss_by": 0.0 if ok else round(abs(value - target), 3)})
 
     for transport in ("stdio", "http"):
         beyond = result["added_latency"][transport]["beyond_floor_and_direct_p50_ms"]
         check(f"latency {transport}: bridge p50 - (floor p50 + direct p50)", beyond, "<=", TARGET_ADDED_MS, "ms")
     for transport in ("stdio", "http"):
         stream = result["streaming"][f"bridge_{transport}"]
-        check(f"streaming {transport}: chunks/s ratio to direct SSE", stream["ratio_to_direct"], ">=",
+        check(f"streaming {transport}: chunks/s, ratio to direct SSE", stream["ratio_to_direct"], ">=",
               TARGET_STREAM_RATIO, "x")
-        check(f"streaming {transport}: every run delivered exactly {STREAM_CHUNKS} pieces",
-              float(stream["exact"]), ">=", 1.0, "bool")
+        worst = max(stream["pieces_all_runs"], key=lambda pieces: abs(pieces - STREAM_CHUNKS))
+        check(f"streaming {transport}: pieces delivered as progress, worst run", worst, "==", STREAM_CHUNKS,
+              "pieces")
     check("cold start: bridge / import mcp.server (medians)", result["cold_start_s"]["ratio"], "<=",
           TARGET_COLD_RATIO, "x")
     for transport in ("stdio", "http"):
@@ -577,55 +617,66 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+LATENCY_LABELS = {
+    "direct": "direct httpx2 POST to the fake, SSE read to the end",
+    "direct_new_connection": "  same, new connection per call (as the bridge does)",
+    "floor_stdio": "SDK floor: no-op tool, stdio",
+    "floor_http": "SDK floor: no-op tool, HTTP",
+    "bridge_stdio": "bridge chat tool, stdio",
+    "bridge_http": "bridge chat tool, HTTP",
+}
+IMPORT_BASELINE = "python -c 'import mcp.server'"
+STREAM_LABELS = {
+    "direct": "direct httpx2 read of the fake's SSE",
+    "bridge_stdio": "bridge, progress over stdio",
+    "bridge_http": "bridge, progress over HTTP",
+}
+
+
 def render(result: dict[str, Any]) -> str:
     cfg, machine = result["config"], result["machine"]
-    lat = result["latency_ms"]
     lines = [
-        f"llm-hub bridge benchmark: {cfg['calls']} calls (+{cfg['warmup']} warm-up), {cfg['stream_runs']} stream runs, "
-        f"{cfg['runs']} cold starts; {machine['cpus']} CPUs, load {machine['loadavg_at_start']} -> "
+        f"llm-hub bridge benchmark: {cfg['calls']} rounds (+{cfg['warmup']} warm-up), {cfg['stream_runs']} stream "
+        f"runs, {cfg['runs']} cold starts; {machine['cpus']} CPUs, load {machine['loadavg_at_start']} -> "
         f"{machine['loadavg_at_end']}",
         "",
-        f"1-2. Per-call latency (ms; chat reply of {cfg['short_chunks']} chunks)   p50      p99     mean",
+        f"1-2. Latency per call, ms (chat reply of {cfg['short_chunks']} chunks){'p50':>12}{'p99':>9}{'mean':>9}"
+        f"{'server CPU':>12}",
     ]
-    labels = {
-        "direct": "direct httpx2 POST to fake LM Studio (SSE)",
-        "direct_new_connection": "  same, new connection per call (as the bridge)",
-        "floor_stdio": "SDK floor: no-op tool, stdio",
-        "floor_http": "SDK floor: no-op tool, HTTP",
-        "bridge_stdio": "bridge chat tool, stdio",
-        "bridge_http": "bridge chat tool, HTTP",
-    }
-    for name, label in labels.items():
-        row = lat[name]
-        lines.append(f"  {label:<52}{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {row['mean_ms']:>8.3f}")
+    cpu = result["server_cpu_ms_per_call"]
+    for name, label in LATENCY_LABELS.items():
+        row = result["latency_ms"][name]
+        used = f"{cpu[name]:>12.2f}" if name in cpu else ""
+        lines.append(f"  {label:<56}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['mean_ms']:>9.3f}{used}")
     for transport, added in result["added_latency"].items():
         lines.append(
-            f"  {transport}: added p50 (bridge - direct) = {added['added_p50_ms']:.3f} ms; floor p50 = "
-            f"{added['floor_p50_ms']:.3f} ms; beyond floor+direct = {added['beyond_floor_and_direct_p50_ms']:.3f} ms"
+            f"  {transport}: added p50 (bridge - direct) {added['added_p50_ms']:.3f} ms vs floor p50 "
+            f"{added['floor_p50_ms']:.3f} ms: {added['beyond_floor_and_direct_p50_ms']:+.3f} ms beyond floor + direct"
         )
-    lines += ["", f"3. Streaming {cfg['stream_chunks']} chunks              chunks/s (median)  ratio  msgs/call  exact"]
-    for name, row in result["streaming"].items():
-        lines.append(
-            f"  {labels.get(name, name).split(' (')[0].split(':')[0]:<36}{row['chunks_per_s_median']:>12}"
-            f"{row['ratio_to_direct']:>9.3f}{row['messages_per_call_median']:>10.0f}  {row['exact']}"
-        )
+    lines += ["", f"3. Streaming {cfg['stream_chunks']} chunks{'chunks/s p50':>40}{'ratio':>8}{'msgs/call':>11}  pieces per run"]
+    for name, label in STREAM_LABELS.items():
+        row = result["streaming"][name]
+        lines.append(f"  {label:<56}{row['chunks_per_s_median']:>9}{row['ratio_to_direct']:>8.3f}"
+                     f"{row['messages_per_call_median']:>11.0f}  {row['pieces_all_runs']}")
     cold = result["cold_start_s"]
     lines += [
         "",
-        "4. Cold start (s, median)",
-        f"  llm-hub over stdio, spawn -> initialize result   {cold['bridge_median']:.3f}  runs {cold['bridge_runs']}",
-        f"  python -c 'import mcp.server'                      {cold['import_mcp_server_median']:.3f}  runs "
-        f"{cold['import_runs']}",
-        f"  ratio {cold['ratio']:.3f}",
+        "4. Cold start, s (median of runs)",
+        f"  {'llm-hub over stdio: spawn -> initialize result':<56}{cold['bridge_median']:>9.3f}  {cold['bridge_runs']}",
+        f"  {IMPORT_BASELINE:<56}{cold['import_mcp_server_median']:>9.3f}  {cold['import_runs']}",
+        f"  {'ratio':<56}{cold['ratio']:>9.3f}",
         "",
-        "5. Resident memory (MB)                        VmRSS    VmHWM",
+        f"5. Resident memory, MB{'VmRSS':>43}{'VmHWM':>9}",
     ]
     for name, mem in result["memory_mb"].items():
-        lines.append(f"  {name:<44}{mem['VmRSS']:>7.1f}  {mem['VmHWM']:>7.1f}")
+        lines.append(f"  {name:<56}{mem['VmRSS']:>9.1f}{mem['VmHWM']:>9.1f}")
+    if churn := result.get("session_churn"):
+        for name, grown in churn["rss_growth_mb"].items():
+            lines.append(f"  {name + ': RSS growth over ' + str(churn['sessions']) + ' more HTTP sessions':<56}{grown:>+9.1f}")
     lines += ["", "Targets"]
     for t in result["targets"]:
         verdict = "PASS" if t["pass"] else f"MISS by {t['miss_by']:g} {t['unit']}"
-        lines.append(f"  {verdict:<18}{t['name']}: {t['value']:g} (target {t['target']} {t['unit']})")
+        lines.append(f"  {verdict:<22}{t['name']}: {t['value']:g} {t['unit']} (target {t['target']})")
     return "\n".join(lines)
 
 
@@ -635,9 +686,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30, help="unmeasured latency rounds first (default 30)")
     parser.add_argument("--stream-runs", type=int, default=9, help=f"{STREAM_CHUNKS}-chunk streams per path (default 9)")
     parser.add_argument("--runs", type=int, default=5, help="cold starts of each kind (default 5)")
+    parser.add_argument("--sessions", type=int, default=100,
+                        help="HTTP sessions opened and closed to watch memory growth; 0 skips (default 100)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args()
-    if min(args.calls, args.stream_runs, args.runs) < 1 or args.warmup < 0:
+    if min(args.calls, args.stream_runs, args.runs) < 1 or min(args.warmup, args.sessions) < 0:
         parser.error("counts must be positive")
 
     workdir = Path(tempfile.mkdtemp(prefix="llm-hub-bench-"))

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 RequestKind = Literal["tool", "other"]
 
+RATE_LIMITED = -32029
+"""JSON-RPC error code (implementation-defined range) of a refusal on /mcp."""
 MAX_INSPECTED_BODY = 4 * 1024 * 1024
 _WARN_EVERY_SECONDS = 30.0
 # A Redis that takes longer than this is treated as down: the check sits on every request's path.
@@ -203,16 +205,19 @@ class RateLimitMiddleware:
                 "Rate limiting is unavailable (its Redis store cannot be reached) and this gateway refuses "
                 "requests until it is back. Retry shortly."
             )
-            response = JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
+            status, headers = 503, {"Retry-After": "1"}
         else:
             message = (
                 f"Rate limit exceeded for key '{key_name}': {decision.description}. Retry in {decision.retry_after} s."
             )
-            headers = {"Retry-After": str(decision.retry_after), **_rate_limit_headers(decision)}
-            response = JSONResponse({"error": message}, status_code=429, headers=headers)
+            status, headers = 429, {"Retry-After": str(decision.retry_after), **_rate_limit_headers(decision)}
             if self.on_reject is not None:
                 self.on_reject(kind)
-        await response(scope, receive, send)
+        body: dict[str, object] = {"error": message}
+        if scope["path"].rstrip("/") == "/mcp":
+            # MCP clients show a JSON-RPC error's message; for any other body they only see "error response".
+            body = {"jsonrpc": "2.0", "id": None, "error": {"code": RATE_LIMITED, "message": message}}
+        await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
 
 
 async def _buffer_body(receive: Receive) -> tuple[bytes, bool, Receive]:

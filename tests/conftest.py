@@ -6,9 +6,11 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import anyio
 import anyio.abc
 import httpx2
 import pytest
+import redis
 from mcp import Client, StdioServerParameters
 
 from mcp_server.server import Bridge
@@ -189,3 +192,42 @@ def gateway_process(bridges: list[str], port: int, log: Path, **env: str) -> Abs
         "LLM_HUB_LOG_FORMAT": "json", **env,
     }
     return service([gateway_command()], {**base, **values}, f"http://127.0.0.1:{port}/health", log, ready=(200,))
+
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+@contextmanager
+def redis_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A throwaway redis-server on a free port; yields its URL and process."""
+    if shutil.which(REDIS_SERVER) is None:
+        pytest.fail(f"{REDIS_SERVER} is missing: these tests need a real Redis (apt-get install -y redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        client = redis.Redis(port=port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+                    pytest.fail(f"redis-server did not start on port {port}:\n{output}")
+                time.sleep(0.02)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0", process
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()

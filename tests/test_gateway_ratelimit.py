@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +22,11 @@ from starlette.routing import Route
 from gateway.auth import ApiKeyAuth
 from gateway.ratelimit import MAX_INSPECTED_BODY, RateLimiter, RateLimitMiddleware
 from gateway.settings import GatewaySettings
+from tests.conftest import redis_server
 from tests.fake_lmstudio import serve
 
 pytestmark = pytest.mark.anyio
 
-REDIS_SERVER = "/usr/bin/redis-server"
 N, M = 5, 20
 ALICE, BOB = "sk-alice-77c1", "sk-bob-19fe"
 TOOL_CALL = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "chat_x", "arguments": {}}}
@@ -108,6 +104,15 @@ async def burst(
     return responses
 
 
+def refusal(response: httpx2.Response) -> str:
+    """The refusal's message: plain JSON for REST, a JSON-RPC error for /mcp (which MCP clients display)."""
+    error = response.json()["error"]
+    if response.request.url.path == "/mcp":
+        assert response.json()["jsonrpc"] == "2.0"
+        return str(error["message"])
+    return str(error)
+
+
 def assert_exactly_n_pass(responses: list[httpx2.Response], n: int = N) -> None:
     statuses = sorted(response.status_code for response in responses)
     assert statuses == [200] * n + [429] * (len(responses) - n)
@@ -119,54 +124,12 @@ def assert_exactly_n_pass(responses: list[httpx2.Response], n: int = N) -> None:
         if response.status_code == 429:
             assert int(response.headers["retry-after"]) >= 1
             assert response.headers["ratelimit-remaining"] == "0"
-            error = response.json()["error"]
+            error = refusal(response)
             assert error.startswith("Rate limit exceeded for key 'alice'")
             assert f"{n} tool calls per minute" in error and "Retry in" in error
 
 
 # -- Redis: a real server of our own per test module -------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def redis_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A throwaway redis-server on a free port; yields its URL and process."""
-    if shutil.which(REDIS_SERVER) is None:
-        pytest.fail(f"{REDIS_SERVER} is missing: these tests need a real Redis (apt-get install -y redis-server)")
-    port = _free_port()
-    process = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        client = redis.Redis(port=port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-                    pytest.fail(f"redis-server did not start on port {port}:\n{output}")
-                time.sleep(0.02)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0", process
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout:
-            process.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +207,7 @@ async def test_other_requests_have_their_own_budget() -> None:
             assert statuses == [200, 200, 200, 429, 429]
             refused = await client.post("/mcp", content=json.dumps(TOOLS_LIST))
             assert refused.status_code == 429
-            assert "3 requests per minute" in refused.json()["error"]
+            assert "3 requests per minute" in refusal(refused)
             assert int(refused.headers["retry-after"]) >= 1
             assert refused.headers["ratelimit-limit"] == "3"
             # Tool calls still have their whole budget.
@@ -261,7 +224,7 @@ async def test_health_is_never_limited() -> None:
         ):
             assert [(await client.get("/health")).status_code for _ in range(5)] == [200] * 5
             assert [(await client.get("/v1/models")).status_code for _ in range(2)] == [200, 429]
-            assert "for key 'anonymous'" in (await client.get("/v1/models")).json()["error"]
+            assert "for key 'anonymous'" in refusal(await client.get("/v1/models"))
 
 
 async def test_a_batch_containing_a_tool_call_counts() -> None:
@@ -294,7 +257,7 @@ async def test_per_key_limit_overrides_the_default() -> None:
             alices = await burst(client, [(gw.url, "/v1/tools/x", None, auth(ALICE))] * 10)
     assert sorted(r.status_code for r in bobs) == [200] * 2 + [429] * 8
     assert all(r.headers["ratelimit-limit"] == "2" for r in bobs)
-    assert "'bob': 2 tool calls per minute" in next(r for r in bobs if r.status_code == 429).json()["error"]
+    assert "'bob': 2 tool calls per minute" in refusal(next(r for r in bobs if r.status_code == 429))
     assert_exactly_n_pass(alices)
 
 
@@ -328,7 +291,7 @@ async def test_redis_going_down(fail_open: bool, logs: list[str]) -> None:
     else:
         assert all(r.status_code == 503 for r in responses)
         assert int(responses[0].headers["retry-after"]) >= 1
-        assert "Rate limiting is unavailable" in responses[0].json()["error"]
+        assert "Rate limiting is unavailable" in refusal(responses[0])
     assert gw.rejected == []
     warnings = [line for line in logs if "rate-limit store unreachable" in line]
     assert len(warnings) == 1, logs  # once per 30 s, not once per request
