@@ -7,7 +7,7 @@ Measures, with the fake LM Studio (tests/fake_lmstudio.py) in processes of its o
   4. cold start: spawn to initialize result vs `python -c "import mcp.server"`;
   5. resident memory of the bridge processes after use.
 
-Usage: .venv/bin/python bench/bench_bridge.py [--calls 300] [--runs 5] [--stream-runs 9] [--json]
+Usage: .venv/bin/python bench/bench_bridge.py [--calls 300] [--runs 5] [--stream-runs 15] [--json]
 """
 
 from __future__ import annotations
@@ -133,11 +133,13 @@ class Latency:
     p99_ms: float
     mean_ms: float
     n: int
+    client_cpu_ms: float  # mean CPU this process spent per call
 
     @classmethod
-    def of(cls, seconds: list[float]) -> Latency:
+    def of(cls, seconds: list[float], cpu_seconds: float) -> Latency:
         ms = [s * 1000 for s in seconds]
-        return cls(round(percentile(ms, 50), 3), round(percentile(ms, 99), 3), round(sum(ms) / len(ms), 3), len(ms))
+        return cls(round(percentile(ms, 50), 3), round(percentile(ms, 99), 3), round(sum(ms) / len(ms), 3), len(ms),
+                   round(cpu_seconds / len(ms) * 1000, 3))
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -331,15 +333,18 @@ async def interleaved_latency(calls: dict[str, TimedCall], count: int, warmup: i
     """Rounds of one call per target, rotating the order, so drift on a noisy machine hits all alike."""
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    cpu = dict.fromkeys(names, 0.0)
     for i in range(warmup + count):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
+            cpu_started = time.process_time()
             started = time.perf_counter()
             await calls[name]()
             elapsed = time.perf_counter() - started
             if i >= warmup:
                 samples[name].append(elapsed)
-    return {name: Latency.of(values) for name, values in samples.items()}
+                cpu[name] += time.process_time() - cpu_started
+    return {name: Latency.of(values, cpu[name]) for name, values in samples.items()}
 
 
 @dataclass
@@ -374,7 +379,7 @@ async def bridge_stream(client: Client) -> StreamRun:
     pieces = messages = 0
     started = last = time.perf_counter()
 
-    async def on_progress(_progress: float, _total: float | None, message: str | None) -> None:
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         nonlocal pieces, messages, last
         count = message.count(PIECE) if message else 0
         if count:
@@ -388,25 +393,195 @@ async def bridge_stream(client: Client) -> StreamRun:
     return StreamRun(pieces, last - started, messages)
 
 
-async def churn_sessions(url: str, count: int) -> None:
-    for _ in range(count):
-        async with Client(url, mode="legacy"):
-            pass
-
-
-async def cold_start_bridge(env: dict[str, str], log: TextIO) -> float:
+async def cold_start_bridge(params: StdioServerParameters, log: TextIO) -> float:
+    """Spawn to initialize result; shutting the bridge down again is not counted."""
     started = time.perf_counter()
-    async with Client(stdio_client(StdioServerParameters(command=LLM_HUB, env=env), errlog=log), mode="legacy"):
+    async with Client(stdio_client(params, errlog=log), mode="legacy"):
         return time.perf_counter() - started
 
 
-async def cold_start_import() -> float:
+async def cold_start_import() -> tuple[float, float]:
+    """`import mcp.server` in a fresh interpreter: seconds until imported, and until the process is gone."""
+    code = "import mcp.server; import sys; sys.stdout.write('.'); sys.stdout.flush()"
     started = time.perf_counter()
-    await anyio.run_process([sys.executable, "-c", "import mcp.server"], check=True)
-    return time.perf_counter() - started
+    async with await anyio.open_process([sys.executable, "-c", code], stderr=subprocess.DEVNULL) as process:
+        assert process.stdout is not None
+        await process.stdout.receive()
+        imported = time.perf_counter() - started
+        if await process.wait():
+            raise RuntimeError("python -c 'import mcp.server' failed")
+    return imported, time.perf_counter() - started
 
 
 # -- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """A server process the run talks to through an SDK client."""
+
+    client: Client
+    pid: int
+    url: str = ""  # base URL, HTTP servers only
+
+
+@dataclass
+class Lab:
+    """Every process the run measures or measures against, started once."""
+
+    short_url: str  # fake LM Studio answering SHORT_CHUNKS pieces
+    long_url: str  # fake LM Studio streaming STREAM_CHUNKS pieces
+    http: httpx2.AsyncClient
+    http_no_reuse: httpx2.AsyncClient  # its own pool, or it would take and discard the one `http` keeps alive
+    bridge: dict[str, Served]  # by transport, on the short fake
+    stream_bridge: dict[str, Served]  # by transport, on the long fake
+    floor: dict[str, Served]  # by transport
+    log: Callable[[str], TextIO]
+
+
+async def start_bridges(stack: AsyncExitStack, lmstudio_url: str, log: Callable[[str], TextIO],
+                        label: str) -> dict[str, Served]:
+    params = StdioServerParameters(command=LLM_HUB, env={"LMSTUDIO_URL": lmstudio_url})
+    client, pid = await stack.enter_async_context(stdio_session(params, log(f"bridge-stdio-{label}")))
+    stdio = Served(client, pid)
+    port = free_port()
+    base, pid = await stack.enter_async_context(http_server(
+        [LLM_HUB, "serve", "--port", str(port)], port, ready_path="/health",
+        env=clean_env(LMSTUDIO_URL=lmstudio_url), log=log(f"bridge-http-{label}"),
+    ))
+    http = Served(await stack.enter_async_context(Client(f"{base}/mcp", mode="legacy")), pid, base)
+    for served in (stdio, http):
+        await wait_for_tool(served.client, CHAT_TOOL)
+    return {"stdio": stdio, "http": http}
+
+
+async def start_floor(stack: AsyncExitStack, script: Path, log: Callable[[str], TextIO]) -> dict[str, Served]:
+    params = StdioServerParameters(command=sys.executable, args=[str(script)])
+    stdio = Served(*await stack.enter_async_context(stdio_session(params, log("floor-stdio"))))
+    port = free_port()
+    # GET /mcp without a session is refused, but any answer means the server is up.
+    base, pid = await stack.enter_async_context(http_server(
+        [sys.executable, str(script), str(port)], port, ready_path="/mcp", env=clean_env(), log=log("floor-http"),
+        ready=lambda r: r.status_code < 500,
+    ))
+    http = Served(await stack.enter_async_context(Client(f"{base}/mcp", mode="legacy")), pid, base)
+    for served in (stdio, http):
+        await wait_for_tool(served.client, "noop")
+    return {"stdio": stdio, "http": http}
+
+
+async def start_lab(stack: AsyncExitStack, workdir: Path) -> Lab:
+    def log(name: str) -> TextIO:
+        return stack.enter_context(open(workdir / f"{name}.log", "a"))
+
+    floor_script = workdir / "floor_server.py"
+    floor_script.write_text(FLOOR_SERVER)
+    launcher = workdir / "fake_lmstudio_tcp.py"
+    launcher.write_text(FAKE_LAUNCHER.format(root=str(ROOT)))
+    short_url = await stack.enter_async_context(fake_lmstudio(launcher, SHORT_CHUNKS, log("fake-short")))
+    long_url = await stack.enter_async_context(fake_lmstudio(launcher, STREAM_CHUNKS, log("fake-long")))
+    return Lab(
+        short_url=short_url,
+        long_url=long_url,
+        http=await stack.enter_async_context(httpx2.AsyncClient(timeout=60)),
+        http_no_reuse=await stack.enter_async_context(httpx2.AsyncClient(timeout=60)),
+        bridge=await start_bridges(stack, short_url, log, "short"),
+        stream_bridge=await start_bridges(stack, long_url, log, "long"),
+        floor=await start_floor(stack, floor_script, log),
+        log=log,
+    )
+
+
+async def measure_latency(lab: Lab, count: int, warmup: int) -> dict[str, Any]:
+    servers = {f"{kind}_{transport}": served.pid
+               for kind, group in (("bridge", lab.bridge), ("floor", lab.floor))
+               for transport, served in group.items()}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in servers.items()}
+    latency = await interleaved_latency(
+        {
+            "direct": direct_call(lab.http, lab.short_url),
+            "direct_new_connection": direct_call_new_connection(lab.http_no_reuse, lab.short_url),
+            "floor_stdio": floor_call(lab.floor["stdio"].client),
+            "floor_http": floor_call(lab.floor["http"].client),
+            "bridge_stdio": bridge_call(lab.bridge["stdio"].client),
+            "bridge_http": bridge_call(lab.bridge["http"].client),
+        },
+        count, warmup,
+    )
+    # Each server serves only its own calls here, so its CPU time divides cleanly (in clock ticks of ~10 ms).
+    cpu = {name: round((cpu_seconds(pid) - cpu_before[name]) / (warmup + count) * 1000, 3)
+           for name, pid in servers.items()}
+    return {
+        "latency_ms": {name: vars(value) for name, value in latency.items()},
+        "server_cpu_ms_per_call": cpu,
+        "added_latency": {transport: added_latency(latency, transport) for transport in ("stdio", "http")},
+    }
+
+
+async def measure_streaming(lab: Lab, runs: int) -> dict[str, Any]:
+    paths: dict[str, Callable[[], Awaitable[StreamRun]]] = {
+        "direct": lambda: direct_stream(lab.http, lab.long_url),
+        "bridge_stdio": lambda: bridge_stream(lab.stream_bridge["stdio"].client),
+        "bridge_http": lambda: bridge_stream(lab.stream_bridge["http"].client),
+    }
+    measured: dict[str, list[StreamRun]] = {name: [] for name in paths}
+    # A lost piece is a bug wherever it happens, so the warm-up run counts for exactness.
+    delivered: dict[str, list[int]] = {name: [] for name in paths}
+    for i in range(1 + runs):
+        for name, stream in paths.items():
+            done = await stream()
+            delivered[name].append(done.pieces)
+            if i:
+                measured[name].append(done)
+    return streaming_summary(measured, delivered)
+
+
+def measure_memory(lab: Lab) -> dict[str, dict[str, float]]:
+    return {
+        "bridge_stdio": memory_mb(lab.bridge["stdio"].pid),
+        "bridge_http": memory_mb(lab.bridge["http"].pid),
+        "bridge_stdio_after_streaming": memory_mb(lab.stream_bridge["stdio"].pid),
+        "bridge_http_after_streaming": memory_mb(lab.stream_bridge["http"].pid),
+        "floor_stdio": memory_mb(lab.floor["stdio"].pid),
+        "floor_http": memory_mb(lab.floor["http"].pid),
+    }
+
+
+async def measure_session_churn(lab: Lab, sessions: int) -> dict[str, Any]:
+    """Not a target: a server that keeps closed sessions grows with every client that comes and goes."""
+    growth: dict[str, float] = {}
+    for name, served in (("bridge_http", lab.bridge["http"]), ("floor_http", lab.floor["http"])):
+        before = memory_mb(served.pid)["VmRSS"]
+        for _ in range(sessions):
+            async with Client(f"{served.url}/mcp", mode="legacy"):
+                pass
+        growth[name] = round(memory_mb(served.pid)["VmRSS"] - before, 1)
+    return {"sessions": sessions, "rss_growth_mb": growth}
+
+
+async def measure_cold_start(lab: Lab, runs: int) -> dict[str, Any]:
+    params = StdioServerParameters(command=LLM_HUB, env={"LMSTUDIO_URL": lab.short_url})
+    log = lab.log("bridge-cold")
+    bridge: list[float] = []
+    imported: list[float] = []
+    exited: list[float] = []
+    for i in range(1 + runs):
+        import_times = await cold_start_import()
+        bridge_time = await cold_start_bridge(params, log)
+        if i:
+            imported.append(import_times[0])
+            exited.append(import_times[1])
+            bridge.append(bridge_time)
+    return {
+        "bridge_median": round(median(bridge), 3),
+        "import_mcp_server_median": round(median(exited), 3),
+        # The bridge's figure stops at its handshake, before any teardown: this is the like-for-like baseline.
+        "import_mcp_server_until_imported_median": round(median(imported), 3),
+        "bridge_runs": [round(x, 3) for x in bridge],
+        "import_runs": [round(x, 3) for x in exited],
+        "ratio": round(median(bridge) / median(exited), 3),
+        "ratio_to_until_imported": round(median(bridge) / median(imported), 3),
+    }
 
 
 def note(text: str, quiet: bool) -> None:
@@ -416,148 +591,26 @@ def note(text: str, quiet: bool) -> None:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     quiet: bool = args.json
-    floor_script = workdir / "floor_server.py"
-    floor_script.write_text(FLOOR_SERVER)
-    fake_launcher = workdir / "fake_lmstudio_tcp.py"
-    fake_launcher.write_text(FAKE_LAUNCHER.format(root=str(ROOT)))
     result: dict[str, Any] = {
         "config": {"calls": args.calls, "warmup": args.warmup, "runs": args.runs, "stream_runs": args.stream_runs,
                    "sessions": args.sessions, "short_chunks": SHORT_CHUNKS, "stream_chunks": STREAM_CHUNKS},
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
                     "python": sys.version.split()[0]},
     }
-
     async with AsyncExitStack() as stack:
-        def log(name: str) -> TextIO:
-            return stack.enter_context(open(workdir / f"{name}.log", "w"))  # noqa: SIM115 - closed by the stack
-
-        note("starting fake LM Studio, bridges and SDK floor servers", quiet)
-        short_url = await stack.enter_async_context(fake_lmstudio(fake_launcher, SHORT_CHUNKS, log("fake-short")))
-        long_url = await stack.enter_async_context(fake_lmstudio(fake_launcher, STREAM_CHUNKS, log("fake-long")))
-        http = await stack.enter_async_context(httpx2.AsyncClient(timeout=60))
-        # Its own pool, or it would take and discard the connection `http` keeps alive.
-        http_no_reuse = await stack.enter_async_context(httpx2.AsyncClient(timeout=60))
-
-        bridges: dict[str, tuple[Client, int]] = {}
-        bridge_urls: dict[str, str] = {}
-        for label, url in (("short", short_url), ("long", long_url)):
-            params = StdioServerParameters(command=LLM_HUB, env={"LMSTUDIO_URL": url})
-            bridges[f"stdio-{label}"] = await stack.enter_async_context(stdio_session(params, log(f"bridge-stdio-{label}")))
-            port = free_port()
-            base, pid = await stack.enter_async_context(http_server(
-                [LLM_HUB, "serve", "--port", str(port)], port, ready_path="/health",
-                env=clean_env(LMSTUDIO_URL=url), log=log(f"bridge-http-{label}"),
-            ))
-            client = await stack.enter_async_context(Client(f"{base}/mcp", mode="legacy"))
-            bridges[f"http-{label}"] = (client, pid)
-            bridge_urls[f"http-{label}"] = base
-        for client, _ in bridges.values():
-            await wait_for_tool(client, CHAT_TOOL)
-
-        floor_stdio = await stack.enter_async_context(
-            stdio_session(StdioServerParameters(command=sys.executable, args=[str(floor_script)]), log("floor-stdio"))
-        )
-        port = free_port()
-        # GET /mcp without a session is refused, but any answer means the server is up.
-        floor_base, floor_http_pid = await stack.enter_async_context(http_server(
-            [sys.executable, str(floor_script), str(port)], port, ready_path="/mcp", env=clean_env(),
-            log=log("floor-http"), ready=lambda r: r.status_code < 500,
-        ))
-        floor_http_client = await stack.enter_async_context(Client(f"{floor_base}/mcp", mode="legacy"))
-        for client in (floor_stdio[0], floor_http_client):
-            await wait_for_tool(client, "noop")
-
-        # 1 + 2. latency
+        note("starting two fake LM Studios, four bridges and two SDK floor servers", quiet)
+        lab = await start_lab(stack, workdir)
         note(f"latency: {args.warmup} warm-up + {args.calls} interleaved rounds", quiet)
-        servers = {
-            "bridge_stdio": bridges["stdio-short"][1],
-            "bridge_http": bridges["http-short"][1],
-            "floor_stdio": floor_stdio[1],
-            "floor_http": floor_http_pid,
-        }
-        cpu_before = {name: cpu_seconds(pid) for name, pid in servers.items()}
-        latency = await interleaved_latency(
-            {
-                "direct": direct_call(http, short_url),
-                "direct_new_connection": direct_call_new_connection(http_no_reuse, short_url),
-                "floor_stdio": floor_call(floor_stdio[0]),
-                "floor_http": floor_call(floor_http_client),
-                "bridge_stdio": bridge_call(bridges["stdio-short"][0]),
-                "bridge_http": bridge_call(bridges["http-short"][0]),
-            },
-            args.calls, args.warmup,
-        )
-        rounds = args.warmup + args.calls
-        result["latency_ms"] = {name: vars(value) for name, value in latency.items()}
-        # Each server only serves its own calls here, so its CPU time divides cleanly (clock ticks: ~10 ms grain).
-        result["server_cpu_ms_per_call"] = {
-            name: round((cpu_seconds(pid) - cpu_before[name]) / rounds * 1000, 3) for name, pid in servers.items()
-        }
-        result["added_latency"] = {
-            transport: added_latency(latency, transport) for transport in ("stdio", "http")
-        }
-
-        # 3. streaming
+        result.update(await measure_latency(lab, args.calls, args.warmup))
         note(f"streaming: {STREAM_CHUNKS} chunks, 1 warm-up + {args.stream_runs} runs per path", quiet)
-        stream_paths: dict[str, Callable[[], Awaitable[StreamRun]]] = {
-            "direct": lambda: direct_stream(http, long_url),
-            "bridge_stdio": lambda: bridge_stream(bridges["stdio-long"][0]),
-            "bridge_http": lambda: bridge_stream(bridges["http-long"][0]),
-        }
-        stream_runs: dict[str, list[StreamRun]] = {name: [] for name in stream_paths}
-        # A lost piece is a bug wherever it happens, so the warm-up run counts for exactness.
-        delivered: dict[str, list[int]] = {name: [] for name in stream_paths}
-        for i in range(1 + args.stream_runs):
-            for name, measure in stream_paths.items():
-                done = await measure()
-                delivered[name].append(done.pieces)
-                if i:
-                    stream_runs[name].append(done)
-        result["streaming"] = streaming_summary(stream_runs, delivered)
-
-        # 5. memory, while every process is still up
-        await anyio.sleep(0.5)
-        result["memory_mb"] = {
-            "bridge_stdio": memory_mb(bridges["stdio-short"][1]),
-            "bridge_http": memory_mb(bridges["http-short"][1]),
-            "bridge_stdio_after_streaming": memory_mb(bridges["stdio-long"][1]),
-            "bridge_http_after_streaming": memory_mb(bridges["http-long"][1]),
-            "floor_stdio": memory_mb(floor_stdio[1]),
-            "floor_http": memory_mb(floor_http_pid),
-        }
+        result["streaming"] = await measure_streaming(lab, args.stream_runs)
+        await anyio.sleep(0.5)  # let the last call's garbage settle
+        result["memory_mb"] = measure_memory(lab)
         if args.sessions:
-            # Not a target: a server that keeps closed sessions grows with every client that comes and goes.
-            note(f"memory: {args.sessions} HTTP sessions opened and closed on the bridge and on the floor", quiet)
-            churned = {
-                "bridge_http": (bridge_urls["http-short"], bridges["http-short"][1]),
-                "floor_http": (floor_base, floor_http_pid),
-            }
-            growth: dict[str, float] = {}
-            for name, (base, pid) in churned.items():
-                before = memory_mb(pid)["VmRSS"]
-                await churn_sessions(f"{base}/mcp", args.sessions)
-                growth[name] = round(memory_mb(pid)["VmRSS"] - before, 1)
-            result["session_churn"] = {"sessions": args.sessions, "rss_growth_mb": growth}
-
-        # 4. cold start, with the other servers idle
+            note(f"memory: {args.sessions} HTTP sessions opened and closed, on the bridge and on the floor", quiet)
+            result["session_churn"] = await measure_session_churn(lab, args.sessions)
         note(f"cold start: 1 warm-up + {args.runs} runs each", quiet)
-        cold_env = {"LMSTUDIO_URL": short_url}
-        bridge_cold: list[float] = []
-        import_cold: list[float] = []
-        for i in range(1 + args.runs):
-            imported = await cold_start_import()
-            bridged = await cold_start_bridge(cold_env, log("bridge-cold"))
-            if i:
-                import_cold.append(imported)
-                bridge_cold.append(bridged)
-        result["cold_start_s"] = {
-            "bridge_median": round(median(bridge_cold), 3),
-            "import_mcp_server_median": round(median(import_cold), 3),
-            "bridge_runs": [round(x, 3) for x in bridge_cold],
-            "import_runs": [round(x, 3) for x in import_cold],
-            "ratio": round(median(bridge_cold) / median(import_cold), 3),
-        }
-
+        result["cold_start_s"] = await measure_cold_start(lab, args.runs)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["targets"] = targets(result)
     return result
@@ -575,18 +628,19 @@ def added_latency(latency: dict[str, Latency], transport: str) -> dict[str, floa
 
 
 def streaming_summary(runs: dict[str, list[StreamRun]], delivered: dict[str, list[int]]) -> dict[str, Any]:
-    direct_rate = median([r.rate for r in runs["direct"]])
+    direct = runs["direct"]
     summary: dict[str, Any] = {}
     for name, done in runs.items():
-        rate = median([r.rate for r in done])
+        # Each run is paired with the direct run just before it, so load that comes and goes hits both.
+        ratios = [run.rate / base.rate for run, base in zip(done, direct, strict=True)]
         summary[name] = {
-            "chunks_per_s_median": round(rate),
+            "chunks_per_s_median": round(median([r.rate for r in done])),
             "chunks_per_s_runs": [round(r.rate) for r in done],
             "seconds_median": round(median([r.seconds for r in done]), 3),
-            "pieces_all_runs": delivered[name],
-            "exact": all(pieces == STREAM_CHUNKS for pieces in delivered[name]),
             "messages_per_call_median": median([float(r.messages) for r in done]),
-            "ratio_to_direct": round(rate / direct_rate, 3),
+            "pieces_all_runs": delivered[name],
+            "ratio_to_direct": round(median(ratios), 3),
+            "ratio_p25_p75": [round(percentile(ratios, 25), 3), round(percentile(ratios, 75), 3)],
         }
     return summary
 
@@ -641,30 +695,37 @@ def render(result: dict[str, Any]) -> str:
         f"{machine['loadavg_at_end']}",
         "",
         f"1-2. Latency per call, ms (chat reply of {cfg['short_chunks']} chunks){'p50':>12}{'p99':>9}{'mean':>9}"
-        f"{'server CPU':>12}",
+        f"{'CPU: client':>13}{'server':>8}",
     ]
-    cpu = result["server_cpu_ms_per_call"]
+    server_cpu = result["server_cpu_ms_per_call"]
     for name, label in LATENCY_LABELS.items():
         row = result["latency_ms"][name]
-        used = f"{cpu[name]:>12.2f}" if name in cpu else ""
-        lines.append(f"  {label:<56}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['mean_ms']:>9.3f}{used}")
+        server = f"{server_cpu[name]:>8.2f}" if name in server_cpu else ""
+        lines.append(f"  {label:<56}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['mean_ms']:>9.3f}"
+                     f"{row['client_cpu_ms']:>13.2f}{server}")
     for transport, added in result["added_latency"].items():
         lines.append(
             f"  {transport}: added p50 (bridge - direct) {added['added_p50_ms']:.3f} ms vs floor p50 "
             f"{added['floor_p50_ms']:.3f} ms: {added['beyond_floor_and_direct_p50_ms']:+.3f} ms beyond floor + direct"
         )
-    lines += ["", f"3. Streaming {cfg['stream_chunks']} chunks{'chunks/s p50':>40}{'ratio':>8}{'msgs/call':>11}  pieces per run"]
+    lines += ["", f"3. Streaming {cfg['stream_chunks']} chunks{'chunks/s p50':>40}{'ratio p50':>11}{'(p25-p75)':>15}"
+              f"{'msgs/call':>11}  pieces, each run"]
     for name, label in STREAM_LABELS.items():
         row = result["streaming"][name]
-        lines.append(f"  {label:<56}{row['chunks_per_s_median']:>9}{row['ratio_to_direct']:>8.3f}"
-                     f"{row['messages_per_call_median']:>11.0f}  {row['pieces_all_runs']}")
+        spread = "({:.2f}-{:.2f})".format(*row["ratio_p25_p75"])
+        distinct = sorted(set(row["pieces_all_runs"]))
+        pieces = f"all {distinct[0]}" if len(distinct) == 1 else str(row["pieces_all_runs"])
+        lines.append(f"  {label:<56}{row['chunks_per_s_median']:>9}{row['ratio_to_direct']:>11.3f}{spread:>15}"
+                     f"{row['messages_per_call_median']:>11.0f}  {pieces}")
     cold = result["cold_start_s"]
     lines += [
         "",
         "4. Cold start, s (median of runs)",
         f"  {'llm-hub over stdio: spawn -> initialize result':<56}{cold['bridge_median']:>9.3f}  {cold['bridge_runs']}",
-        f"  {IMPORT_BASELINE:<56}{cold['import_mcp_server_median']:>9.3f}  {cold['import_runs']}",
-        f"  {'ratio':<56}{cold['ratio']:>9.3f}",
+        f"  {IMPORT_BASELINE + ', until exit':<56}{cold['import_mcp_server_median']:>9.3f}  {cold['import_runs']}",
+        f"  {'  same, until imported (no teardown, like the bridge)':<56}"
+        f"{cold['import_mcp_server_until_imported_median']:>9.3f}",
+        f"  {'ratio (to exit; to imported)':<56}{cold['ratio']:>9.3f}{cold['ratio_to_until_imported']:>9.3f}",
         "",
         f"5. Resident memory, MB{'VmRSS':>43}{'VmHWM':>9}",
     ]
@@ -672,7 +733,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"  {name:<56}{mem['VmRSS']:>9.1f}{mem['VmHWM']:>9.1f}")
     if churn := result.get("session_churn"):
         for name, grown in churn["rss_growth_mb"].items():
-            lines.append(f"  {name + ': RSS growth over ' + str(churn['sessions']) + ' more HTTP sessions':<56}{grown:>+9.1f}")
+            label = f"{name}: RSS growth over {churn['sessions']} more HTTP sessions"
+            lines.append(f"  {label:<56}{grown:>+9.1f}")
     lines += ["", "Targets"]
     for t in result["targets"]:
         verdict = "PASS" if t["pass"] else f"MISS by {t['miss_by']:g} {t['unit']}"
@@ -684,7 +746,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300, help="measured latency rounds (default 300)")
     parser.add_argument("--warmup", type=int, default=30, help="unmeasured latency rounds first (default 30)")
-    parser.add_argument("--stream-runs", type=int, default=9, help=f"{STREAM_CHUNKS}-chunk streams per path (default 9)")
+    parser.add_argument("--stream-runs", type=int, default=15,
+                        help=f"{STREAM_CHUNKS}-chunk streams per path (default 15)")
     parser.add_argument("--runs", type=int, default=5, help="cold starts of each kind (default 5)")
     parser.add_argument("--sessions", type=int, default=100,
                         help="HTTP sessions opened and closed to watch memory growth; 0 skips (default 100)")

@@ -71,7 +71,7 @@ class _RecentRate:
 
     def total(self) -> int:
         now = int(self.clock())
-        return sum(count for count, second in zip(self.counts, self.seconds) if now - second < self.window)
+        return sum(count for count, second in zip(self.counts, self.seconds, strict=True) if now - second < self.window)
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:

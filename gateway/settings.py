@@ -44,7 +44,6 @@ class GatewaySettings(BaseSettings):
     health_interval: float = Field(30.0, gt=0, description="Seconds between bridge health checks.")
     health_timeout: float = Field(5.0, gt=0, description="Seconds a bridge health check may take.")
     call_timeout: float = Field(600.0, gt=0, description="Seconds a tool call through the gateway may take.")
-    request_timeout: float = Field(30.0, gt=0, description="Seconds any other request may take.")
     max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body accepted (413 above).")
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"

@@ -1,0 +1,487 @@
+"""Benchmark of the llm-hub gateway: the same chat tool call made to a bridge directly and through the gateway.
+
+Every process runs on its own on loopback, as in a deployment on one host:
+
+    fake LM Studio (tests/fake_lmstudio.py, 5 short pieces, no delay)
+      <- one bridge (`llm-hub serve`)
+           <- the gateway (`llm-hub-gateway`, API key, rate limits set out of the way)
+
+The client is the MCP SDK `Client` over streamable HTTP (handshake era), calling `chat_google_gemma-3-270m`
+with {"prompt": "hi"}, either at the bridge's /mcp (the baseline) or at the gateway's /mcp. Measured in one run:
+  1. per-call latency at concurrency 1 (p50, p99) and calls/s at concurrency 1;
+  2. calls/s with 32 calls in flight, on one client session and on 32 client sessions.
+The two paths run in alternating blocks, the order flipping every round, so that the noise of a shared
+2-core machine falls on both alike. CPU time used by each process is read from /proc around every block.
+
+Usage: .venv/bin/python bench/bench_gateway.py [--calls 600] [--block 50] [--tp-calls 320] [--tp-rounds 4] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import anyio.abc
+import httpx2
+import mcp_types as types
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LLM_HUB = str(BIN / "llm-hub")
+LLM_HUB_GATEWAY = str(BIN / "llm-hub-gateway")
+FAKE = ROOT / "tests" / "fake_lmstudio.py"
+MODEL = "google/gemma-3-270m"
+CHAT_TOOL = "chat_google_gemma-3-270m"
+ARGUMENTS = {"prompt": "hi"}
+CHUNKS = 5
+EXPECTED = "".join(f"tok{i} " for i in range(CHUNKS))  # the fake's --chunks pieces
+
+TARGET_ADDED_P50_MS = 3.0
+TARGET_ADDED_P99_MS = 10.0
+TARGET_THROUGHPUT_RATIO = 0.70
+
+PATHS = ("direct", "gateway")
+PROCESSES = ("client", "gateway", "bridge", "fake")
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summary_ms(seconds: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in seconds]
+    return {
+        "p50_ms": round(percentile(ms, 50), 3),
+        "p90_ms": round(percentile(ms, 90), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "mean_ms": round(sum(ms) / len(ms), 3),
+        "max_ms": round(max(ms), 3),
+        "n": len(ms),
+    }
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_HUB_", "LMSTUDIO_", "LM_API"))}
+    return env | extra
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (clock ticks of 10 ms)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+@asynccontextmanager
+async def spawned(cmd: list[str], *, env: dict[str, str], log: TextIO,
+                  capture_stdout: bool = False) -> AsyncIterator[anyio.abc.Process]:
+    process = await anyio.open_process(
+        cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
+    )
+    try:
+        yield process
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.terminate()
+                with anyio.move_on_after(5):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+            await process.aclose()
+
+
+async def wait_http(url: str, ok: Callable[[httpx2.Response], bool], process: anyio.abc.Process, what: str,
+                    timeout: float = 30) -> None:
+    async with httpx2.AsyncClient(timeout=2) as http:
+        with anyio.fail_after(timeout):
+            while True:
+                if process.returncode is not None:
+                    raise RuntimeError(f"{what} exited with {process.returncode} before it was ready")
+                try:
+                    if ok(await http.get(url)):
+                        return
+                except httpx2.TransportError:
+                    pass
+                await anyio.sleep(0.05)
+
+
+@asynccontextmanager
+async def fake_lmstudio(log: TextIO) -> AsyncIterator[tuple[str, int]]:
+    cmd = [sys.executable, str(FAKE), "--port", "0", "--models", MODEL, "--chunks", str(CHUNKS)]
+    async with spawned(cmd, env=clean_env(), log=log, capture_stdout=True) as process:
+        assert process.stdout is not None
+        first = b""
+        with anyio.fail_after(30):
+            while b"\n" not in first:
+                first += await process.stdout.receive()
+        match = re.search(rb"http://[\w.:\[\]]+", first)
+        if match is None:
+            raise RuntimeError(f"fake LM Studio printed no URL: {first!r}")
+        url = match.group().decode()
+        await wait_http(f"{url}/v1/models", lambda r: r.status_code == 200, process, "fake LM Studio")
+        yield url, process.pid
+
+
+@asynccontextmanager
+async def bridge(lmstudio_url: str, log: TextIO) -> AsyncIterator[tuple[str, int]]:
+    port = free_port()
+    env = clean_env(LMSTUDIO_URL=lmstudio_url, LLM_HUB_LOG_LEVEL="WARNING")
+    async with spawned([LLM_HUB, "serve", "--port", str(port)], env=env, log=log) as process:
+        base = f"http://127.0.0.1:{port}"
+        # 200 once the bridge has polled LM Studio and built its tools.
+        await wait_http(f"{base}/health", lambda r: r.status_code == 200, process, "bridge")
+        yield base, process.pid
+
+
+@asynccontextmanager
+async def gateway(bridge_url: str, key: str, log: TextIO) -> AsyncIterator[tuple[str, int]]:
+    port = free_port()
+    env = clean_env(
+        LLM_HUB_API_KEYS=f"bench:{key}",
+        LLM_HUB_RATE_LIMIT="1000000/minute",
+        LLM_HUB_REQUEST_LIMIT="1000000/minute",
+        LLM_HUB_LOG_LEVEL="WARNING",
+    )
+    cmd = [LLM_HUB_GATEWAY, "--bridge", bridge_url, "--port", str(port)]
+    async with spawned(cmd, env=env, log=log) as process:
+        base = f"http://127.0.0.1:{port}"
+        # 200 once a bridge is admitted; its tools are loaded before it is.
+        await wait_http(f"{base}/health", lambda r: r.status_code == 200 and r.json()["tools"] > 1, process, "gateway")
+        yield base, process.pid
+
+
+@asynccontextmanager
+async def session(url: str, key: str) -> AsyncIterator[Client]:
+    """One SDK client session, as the brief of this benchmark prescribes it."""
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+            with anyio.fail_after(30):
+                while CHAT_TOOL not in {t.name for t in (await client.list_tools()).tools}:
+                    await anyio.sleep(0.05)
+            yield client
+
+
+# -- measurements --------------------------------------------------------------------------
+
+
+async def call(client: Client) -> None:
+    result = await client.call_tool(CHAT_TOOL, ARGUMENTS)
+    text = "".join(c.text for c in result.content if isinstance(c, types.TextContent))
+    if result.is_error or text != EXPECTED:
+        raise RuntimeError(f"unexpected answer (is_error={result.is_error}): {text[:300]!r}")
+
+
+@dataclass
+class Lab:
+    key: str
+    pids: dict[str, int]
+    one: dict[str, Client]  # path -> one session
+    many: dict[str, list[Client]] = field(default_factory=dict)  # path -> N sessions
+
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+
+@dataclass
+class Tally:
+    """What the blocks of one path in one phase added up to."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    block_rates: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PROCESSES, 0.0))
+
+    def rate(self) -> float:
+        return self.calls / self.seconds
+
+    def cpu_ms_per_call(self) -> dict[str, float]:
+        return {name: round(used / self.calls * 1000, 3) for name, used in self.cpu.items()}
+
+
+Block = Callable[[str], Awaitable[tuple[int, float, list[float]]]]
+
+
+def sequential(lab: Lab, calls: int) -> Block:
+    """`calls` calls one after the other on the path's session; each one timed."""
+
+    async def block(path: str) -> tuple[int, float, list[float]]:
+        client = lab.one[path]
+        latencies = []
+        started = time.perf_counter()
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            await call(client)
+            latencies.append(time.perf_counter() - t0)
+        return calls, time.perf_counter() - started, latencies
+
+    return block
+
+
+def concurrent(lab: Lab, calls: int, concurrency: int, sessions: str) -> Block:
+    """`calls` calls with `concurrency` always in flight, on one session or on one session per worker."""
+
+    async def block(path: str) -> tuple[int, float, list[float]]:
+        clients = lab.many[path] if sessions == "many" else [lab.one[path]] * concurrency
+        left = calls
+
+        async def worker(client: Client) -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await call(client)
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for client in clients:
+                tg.start_soon(worker, client)
+        return calls, time.perf_counter() - started, []
+
+    return block
+
+
+async def interleaved(lab: Lab, block: Block, rounds: int) -> dict[str, Tally]:
+    """`rounds` rounds of one block per path, the order flipping every round; CPU time charged per block."""
+    tallies = {path: Tally() for path in PATHS}
+    for i in range(rounds):
+        for path in PATHS if i % 2 == 0 else PATHS[::-1]:
+            before = lab.cpu()
+            calls, seconds, latencies = await block(path)
+            after = lab.cpu()
+            tally = tallies[path]
+            tally.calls += calls
+            tally.seconds += seconds
+            tally.latencies += latencies
+            tally.block_rates.append(round(calls / seconds, 1))
+            for name in PROCESSES:
+                tally.cpu[name] += after[name] - before[name]
+    return tallies
+
+
+def throughput(tallies: dict[str, Tally]) -> dict[str, Any]:
+    direct, through = tallies["direct"].rate(), tallies["gateway"].rate()
+    return {
+        "direct_calls_per_s": round(direct, 1),
+        "gateway_calls_per_s": round(through, 1),
+        "ratio": round(through / direct, 3),
+        "block_rates": {path: t.block_rates for path, t in tallies.items()},
+        "cpu_ms_per_call": {path: t.cpu_ms_per_call() for path, t in tallies.items()},
+        "calls": {path: t.calls for path, t in tallies.items()},
+    }
+
+
+_STARTED = time.perf_counter()
+
+
+def note(text: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"  [{time.perf_counter() - _STARTED:5.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    quiet: bool = args.json
+    rounds = max(1, -(-args.calls // args.block))
+    result: dict[str, Any] = {
+        "config": {
+            "calls_c1": rounds * args.block, "block": args.block, "rounds_c1": rounds, "warmup": args.warmup,
+            "tp_calls": args.tp_calls, "tp_rounds": args.tp_rounds, "concurrency": args.concurrency,
+            "chunks": CHUNKS, "tool": CHAT_TOOL,
+        },
+        "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+                    "python": sys.version.split()[0]},
+    }
+    key = secrets.token_urlsafe(24)
+    async with AsyncExitStack() as stack:
+        def log(name: str) -> TextIO:
+            return stack.enter_context(open(workdir / f"{name}.log", "a"))  # noqa: SIM115 - the stack closes it
+
+        note("starting fake LM Studio, a bridge and a gateway", quiet)
+        fake_url, fake_pid = await stack.enter_async_context(fake_lmstudio(log("fake")))
+        bridge_url, bridge_pid = await stack.enter_async_context(bridge(fake_url, log("bridge")))
+        gateway_url, gateway_pid = await stack.enter_async_context(gateway(bridge_url, key, log("gateway")))
+        urls = {"direct": f"{bridge_url}/mcp", "gateway": f"{gateway_url}/mcp"}
+        lab = Lab(key, {"client": os.getpid(), "gateway": gateway_pid, "bridge": bridge_pid, "fake": fake_pid},
+                  {path: await stack.enter_async_context(session(url, key)) for path, url in urls.items()})
+        if args.sessions_mode in ("many", "both"):
+            note(f"opening {args.concurrency} more sessions on each path", quiet)
+            lab.many = {path: [await stack.enter_async_context(session(url, key)) for _ in range(args.concurrency)]
+                        for path, url in urls.items()}
+
+        note(f"warm-up: {args.warmup} calls per path at concurrency 1, one concurrent block per phase", quiet)
+        if args.warmup:
+            await interleaved(lab, sequential(lab, args.warmup), 2)
+        modes = ["one", "many"] if args.sessions_mode == "both" else [args.sessions_mode]
+        for mode in modes:
+            await interleaved(lab, concurrent(lab, min(args.tp_calls, 4 * args.concurrency), args.concurrency, mode), 2)
+
+        note(f"concurrency 1: {rounds} rounds of {args.block} calls per path, alternating", quiet)
+        c1 = await interleaved(lab, sequential(lab, args.block), rounds)
+        result["latency_c1"] = {path: summary_ms(t.latencies) for path, t in c1.items()}
+        result["latency_c1"]["added_p50_ms"] = round(
+            result["latency_c1"]["gateway"]["p50_ms"] - result["latency_c1"]["direct"]["p50_ms"], 3)
+        result["latency_c1"]["added_p99_ms"] = round(
+            result["latency_c1"]["gateway"]["p99_ms"] - result["latency_c1"]["direct"]["p99_ms"], 3)
+        result["throughput"] = {"c1": throughput(c1)}
+        for mode in modes:
+            label = "one session" if mode == "one" else f"{args.concurrency} sessions"
+            note(f"concurrency {args.concurrency} on {label}: {args.tp_rounds} rounds of {args.tp_calls} calls "
+                 "per path, alternating", quiet)
+            tallies = await interleaved(lab, concurrent(lab, args.tp_calls, args.concurrency, mode), args.tp_rounds)
+            result["throughput"][f"c{args.concurrency}_{mode}"] = throughput(tallies)
+        result["memory_mb_after"] = {name: memory_mb(pid) for name, pid in lab.pids.items()}
+        note("done; stopping the servers", quiet)
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["targets"] = targets(result, args.concurrency)
+    return result
+
+
+def representative(result: dict[str, Any], concurrency: int) -> str:
+    """The concurrent phase the target is judged on: separate sessions when measured (a gateway's clients are
+    many programs, each with its own session), else the single session."""
+    many = f"c{concurrency}_many"
+    return many if many in result["throughput"] else f"c{concurrency}_one"
+
+
+def targets(result: dict[str, Any], concurrency: int) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, value: float, op: str, target: float, unit: str, judged: bool = True) -> None:
+        ok = value < target if op == "<" else value >= target
+        checks.append({"name": name, "value": value, "target": f"{op} {target:g}", "unit": unit, "pass": ok,
+                       "judged": judged})
+
+    latency = result["latency_c1"]
+    check("added latency p50, concurrency 1 (gateway p50 - direct p50)", latency["added_p50_ms"], "<",
+          TARGET_ADDED_P50_MS, "ms")
+    check("added latency p99, concurrency 1 (gateway p99 - direct p99)", latency["added_p99_ms"], "<",
+          TARGET_ADDED_P99_MS, "ms")
+    main = representative(result, concurrency)
+    for phase, row in result["throughput"].items():
+        check(f"throughput {phase_label(phase)}, gateway / direct", row["ratio"], ">=", TARGET_THROUGHPUT_RATIO,
+              "x", judged=phase in ("c1", main))
+    return checks
+
+
+def phase_label(phase: str) -> str:
+    if phase == "c1":
+        return "concurrency 1"
+    level, mode = phase[1:].split("_")
+    return f"concurrency {level}, {'one session' if mode == 'one' else level + ' sessions'}"
+
+
+def render(result: dict[str, Any]) -> str:
+    cfg, machine = result["config"], result["machine"]
+    latency = result["latency_c1"]
+    lines = [
+        f"llm-hub gateway benchmark: {CHAT_TOOL} {json.dumps(ARGUMENTS)}, fake LM Studio replying {cfg['chunks']} "
+        f"pieces; {machine['cpus']} CPUs, load {machine['loadavg_at_start']} -> {machine['loadavg_at_end']}",
+        "direct = SDK client -> bridge /mcp;  gateway = SDK client -> gateway /mcp -> bridge /mcp",
+        "",
+        f"Latency per call, concurrency 1, ms ({cfg['calls_c1']} calls per path, blocks of {cfg['block']})",
+        f"  {'':<10}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}{'max':>9}",
+    ]
+    for path in PATHS:
+        row = latency[path]
+        lines.append(f"  {path:<10}{row['p50_ms']:>9.2f}{row['p90_ms']:>9.2f}{row['p99_ms']:>9.2f}"
+                     f"{row['mean_ms']:>9.2f}{row['max_ms']:>9.2f}")
+    lines.append(f"  {'added':<10}{latency['added_p50_ms']:>+9.2f}{'':>9}{latency['added_p99_ms']:>+9.2f}")
+    main = representative(result, cfg["concurrency"])
+    lines += [
+        "",
+        "Throughput, calls/s                       direct  gateway    ratio   CPU ms per call (client/gateway/bridge/fake)",
+    ]
+    for phase, row in result["throughput"].items():
+        mark = " *" if phase == main else ""
+        cpu = row["cpu_ms_per_call"]
+        detail = "  ".join(
+            f"{path[0]}: " + "/".join(f"{cpu[path][p]:.1f}" for p in PROCESSES) for path in PATHS
+        )
+        lines.append(f"  {phase_label(phase) + mark:<38}{row['direct_calls_per_s']:>8.1f}{row['gateway_calls_per_s']:>9.1f}"
+                     f"{row['ratio']:>9.3f}   {detail}")
+    lines.append(f"  * the concurrent phase judged against the target (calls per block: {cfg['tp_calls']}, "
+                 f"{cfg['tp_rounds']} blocks per path)")
+    lines.append("  CPU ms per call: d = direct blocks, g = gateway blocks; /proc ticks of 10 ms, summed over blocks")
+    mem = result["memory_mb_after"]
+    lines += ["", "RSS after the run, MB: " + ", ".join(f"{name} {mb:.1f}" for name, mb in mem.items()), "", "Targets"]
+    for t in result["targets"]:
+        verdict = ("PASS" if t["pass"] else "MISS") + ("" if t["judged"] else " (info)")
+        lines.append(f"  {verdict:<12}{t['name']}: {t['value']:g} {t['unit']} (target {t['target']})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=600,
+                        help="calls per path at concurrency 1, rounded up to whole blocks (default 600)")
+    parser.add_argument("--block", type=int, default=50, help="calls per block at concurrency 1 (default 50)")
+    parser.add_argument("--warmup", type=int, default=50, help="unmeasured calls per path first (default 50)")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight in the concurrent phases (32)")
+    parser.add_argument("--tp-calls", type=int, default=320, help="calls per concurrent block (default 320)")
+    parser.add_argument("--tp-rounds", type=int, default=4, help="concurrent blocks per path and phase (default 4)")
+    parser.add_argument("--sessions", dest="sessions_mode", choices=["one", "many", "both"], default="both",
+                        help="concurrent calls on one client session, on one session each, or both (default)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs and say where")
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = parser.parse_args()
+    if min(args.calls, args.block, args.concurrency, args.tp_calls, args.tp_rounds) < 1 or args.warmup < 0:
+        parser.error("counts must be positive")
+
+    workdir = Path(tempfile.mkdtemp(prefix="llm-hub-bench-gateway-"))
+    try:
+        result = anyio.run(run, args, workdir)
+    except BaseException:
+        print(f"benchmark failed; server logs kept in {workdir}", file=sys.stderr)
+        raise
+    if args.keep_logs:
+        print(f"server logs in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(render(result))
+
+
+if __name__ == "__main__":
+    main()
