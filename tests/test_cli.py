@@ -141,3 +141,15 @@ async def test_logs_are_json_and_hold_no_prompt_completion_or_token() -> None:
     records = [json.loads(line) for line in logged.splitlines() if line.strip()]
     assert any("done in" in r["text"] for r in records)
     assert "PURPLE-ELEPHANT" not in logged and "ZEBRA" not in logged and "TOKEN-never-logged" not in logged
+
+
+@pytest.mark.anyio
+async def test_bridge_on_a_non_loopback_address_without_a_token_warns(tmp_path, free_tcp_port: int) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import service
+
+    log = tmp_path / "bridge.log"
+    env = {**CLEAN_ENV, "LLM_HUB_LOG_FORMAT": "text", "LMSTUDIO_URL": "http://127.0.0.1:9"}
+    command = [llm_hub_command(), "serve", "--host", "0.0.0.0", "--port", str(free_tcp_port)]
+    async with service(command, env, f"http://127.0.0.1:{free_tcp_port}/health", log):
+        pass
+    assert "without LLM_HUB_BRIDGE_TOKEN" in log.read_text()
