@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-CommaList = Annotated[list[str], NoDecode]
-
-
-def _split_commas(value: object) -> object:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+from mcp_server.settings import CommaList, LogFormat, LogLevel
 
 
 class GatewaySettings(BaseSettings):
@@ -45,20 +38,10 @@ class GatewaySettings(BaseSettings):
     health_timeout: float = Field(5.0, gt=0, description="Seconds a bridge health check may take.")
     call_timeout: float = Field(600.0, gt=0, description="Seconds a tool call through the gateway may take.")
     max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body accepted (413 above).")
-    log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat = "json"
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-
-    @field_validator("bridges", "api_keys", "key_limits", "cors_origins", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: object) -> object:
-        return _split_commas(value)
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
 
     @field_validator("bridges")
     @classmethod

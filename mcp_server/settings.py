@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ToolKind = Literal["chat", "embed", "complete"]
@@ -23,7 +23,14 @@ def _split_commas(value: object) -> object:
     return value
 
 
-CommaList = Annotated[list[str], NoDecode]
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+# Shared with the gateway's settings: lists are comma-separated in the environment, not JSON.
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+LogLevel = Annotated[Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)]
+LogFormat = Literal["json", "text"]
 
 
 class BridgeSettings(BaseSettings):
@@ -55,11 +62,11 @@ class BridgeSettings(BaseSettings):
     )
     include_models: CommaList = Field(["*"], description="Globs on the model id: only these become tools.")
     exclude_models: CommaList = Field([], description="Globs on the model id: these never become tools.")
-    tools: Annotated[list[ToolKind], NoDecode] = Field(
+    tools: Annotated[list[ToolKind], NoDecode, BeforeValidator(_split_commas)] = Field(
         ["chat", "embed"], description="Tool kinds to offer: chat, embed, complete."
     )
-    log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat = "json"
 
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"
@@ -71,16 +78,6 @@ class BridgeSettings(BaseSettings):
     bridge_token: SecretStr | None = Field(
         None, description="When set, HTTP clients of /mcp must send 'Authorization: Bearer <token>'."
     )
-
-    @field_validator("include_models", "exclude_models", "allowed_hosts", "allowed_origins", "tools", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: object) -> object:
-        return _split_commas(value)
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
 
     @field_validator("lmstudio_url")
     @classmethod
