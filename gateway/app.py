@@ -1,7 +1,8 @@
 """The gateway's ASGI app: middleware, routes and the lifespan that runs the bridge pool.
 
 A request passes, outermost first: request id -> metrics -> CORS -> body-size limit ->
-API-key auth -> rate limit -> route (MCP at /mcp, REST under /v1, /health, /metrics).
+API-key auth -> rate limit -> route (MCP at /mcp, REST under /v1, /health, /metrics, and the
+dashboard page at / with its files under /static/).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.routing import Mount, Route
 
 from gateway import __version__, openapi
 from gateway.auth import ApiKeyAuth
+from gateway.dashboard import Dashboard
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.pool import BridgePool
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
@@ -28,7 +30,9 @@ from gateway.rest import RestApi
 from gateway.server import GatewayServer, ToolCaller
 from gateway.settings import GatewaySettings
 
-OPEN_PATHS = frozenset({"/health"})
+# The dashboard's page and files hold no data; the page asks for a key before it reads any.
+OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PREFIXES = ("/static/",)
 _MCP_HEADERS = ["Mcp-Session-Id", "Mcp-Protocol-Version", "Mcp-Method", "Mcp-Name", "Last-Event-ID"]
 
 
@@ -43,6 +47,7 @@ class Gateway:
         self.caller = ToolCaller(self.pool, self.metrics, settings)
         self.mcp = GatewayServer(self.pool, self.caller)
         self.rest = RestApi(self.pool, self.caller)
+        self.dashboard = Dashboard(self.pool, self.metrics)
 
     async def _tools_changed(self) -> None:
         await self.mcp.notifier.tools_changed()
@@ -82,6 +87,7 @@ class Gateway:
                 Route("/metrics", self.metrics_endpoint, methods=["GET"]),
                 Route("/openapi.json", openapi.endpoint, methods=["GET"]),
                 *self.rest.routes(),
+                *self.dashboard.routes(),
                 Mount("/", app=mcp_app),
             ],
             middleware=[
@@ -96,7 +102,7 @@ class Gateway:
                                     "RateLimit-Reset", "Mcp-Session-Id"],
                 ),
                 Middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes),
-                Middleware(ApiKeyAuth, keys=keys, open_paths=OPEN_PATHS),
+                Middleware(ApiKeyAuth, keys=keys, open_paths=OPEN_PATHS, open_prefixes=OPEN_PREFIXES),
                 Middleware(RateLimitMiddleware, limiter=self.limiter, on_reject=self.metrics.rate_limit_rejected),
             ],
             lifespan=self.lifespan,

@@ -7,8 +7,9 @@ import hmac
 from dataclasses import dataclass
 
 from loguru import logger
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.refusal import UNAUTHORIZED, refusal
 
 ANONYMOUS = "anonymous"
 
@@ -104,9 +105,7 @@ class ApiKeyAuth:
             # Closing before accepting makes the server answer the handshake with 403.
             await send({"type": "websocket.close", "code": 1008, "reason": rejection.message})
             return
-        response = JSONResponse(
-            {"error": rejection.message}, status_code=401, headers={"WWW-Authenticate": rejection.challenge}
-        )
+        response = refusal(scope, 401, UNAUTHORIZED, rejection.message, {"WWW-Authenticate": rejection.challenge})
         await response(scope, receive, send)
 
 

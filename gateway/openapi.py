@@ -72,6 +72,22 @@ DOCUMENT: dict[str, Any] = {
                 },
                 "required": ["url", "healthy", "tools"],
             },
+            "Model": {
+                "type": "object",
+                "description": "A model LM Studio serves, merged over the bridges that offer it",
+                "properties": {
+                    "id": {"type": "string"},
+                    "type": {"type": "string", "description": "llm or embedding"},
+                    "display_name": {"type": ["string", "null"]},
+                    "loaded": {"type": ["boolean", "null"], "description": "true when any bridge has it loaded"},
+                    "context_length": {"type": ["integer", "null"]},
+                    "quantization": {"type": ["string", "null"]},
+                    "capabilities": {"type": "array", "items": {"type": "string"}},
+                    "tools": {"type": "array", "items": {"type": "string"}},
+                    "bridges": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["id", "tools", "bridges"],
+            },
         },
     },
     "security": [{"bearer": []}],
@@ -135,6 +151,83 @@ DOCUMENT: dict[str, Any] = {
                     ),
                     "401": _UNAUTHORIZED,
                 },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "The models behind the healthy bridges, and whether each bridge reaches LM Studio",
+                "description": (
+                    "Asks each healthy bridge's list_models tool (at most 2 s each); bridges that are down, "
+                    "slow or failing are listed under `skipped` with the reason."
+                ),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+                                "lmstudio": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "bridge": {"type": "string"},
+                                            "reachable": {"type": ["boolean", "null"]},
+                                            "last_error": {"type": ["string", "null"]},
+                                        },
+                                    },
+                                },
+                                "skipped": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {"bridge": {"type": "string"}, "error": {"type": "string"}},
+                                    },
+                                },
+                            },
+                        },
+                        "The merged model list",
+                    ),
+                    "401": _UNAUTHORIZED,
+                    "429": _LIMITED,
+                },
+            }
+        },
+        "/v1/stats": {
+            "get": {
+                "summary": "A JSON summary of the gateway's own metrics (what the dashboard shows)",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "requests_total": {"type": "integer"},
+                                "requests_last_minute": {"type": "integer"},
+                                "requests_per_second": {"type": "number"},
+                                "in_flight": {"type": "integer"},
+                                "errors_5xx": {"type": "integer"},
+                                "latency_ms": {
+                                    "type": "object",
+                                    "description": "p50, p95 and p99 over the last 1000 requests (null before any)",
+                                    "additionalProperties": {"type": ["number", "null"]},
+                                },
+                                "latency_samples": {"type": "integer"},
+                                "rate_limited": {"type": "object", "additionalProperties": {"type": "integer"}},
+                                "tool_calls": {"type": "object", "additionalProperties": {"type": "integer"}},
+                            },
+                        },
+                        "Totals since start, recent rate and latency percentiles",
+                    ),
+                    "401": _UNAUTHORIZED,
+                    "429": _LIMITED,
+                },
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "The web dashboard (its page needs no key; it asks for one)",
+                "security": [],
+                "responses": {"200": {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}},
             }
         },
         "/metrics": {

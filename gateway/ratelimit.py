@@ -23,9 +23,9 @@ from limits.errors import StorageError
 from limits.storage import storage_from_string
 from loguru import logger
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.refusal import RATE_LIMITED, UNAVAILABLE, refusal
 from gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 RequestKind = Literal["tool", "other"]
 
-RATE_LIMITED = -32029
-"""JSON-RPC error code (implementation-defined range) of a refusal on /mcp."""
 MAX_INSPECTED_BODY = 4 * 1024 * 1024
 _WARN_EVERY_SECONDS = 30.0
 # A Redis that takes longer than this is treated as down: the check sits on every request's path.
@@ -213,11 +211,8 @@ class RateLimitMiddleware:
             status, headers = 429, {"Retry-After": str(decision.retry_after), **_rate_limit_headers(decision)}
             if self.on_reject is not None:
                 self.on_reject(kind)
-        body: dict[str, object] = {"error": message}
-        if scope["path"].rstrip("/") == "/mcp":
-            # MCP clients show a JSON-RPC error's message; for any other body they only see "error response".
-            body = {"jsonrpc": "2.0", "id": None, "error": {"code": RATE_LIMITED, "message": message}}
-        await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+        code = UNAVAILABLE if decision.unavailable else RATE_LIMITED
+        await refusal(scope, status, code, message, headers)(scope, receive, send)
 
 
 async def _buffer_body(receive: Receive) -> tuple[bytes, bool, Receive]:

@@ -17,6 +17,7 @@ import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from openapi_spec_validator import validate
 
 from tests.conftest import bridge_process, free_port, gateway_process
@@ -299,6 +300,14 @@ async def test_auth_on_every_route_but_health(tmp_path: Path) -> None:
             assert (await http.get(path, headers=AUTH)).status_code == 200
         denied = await http.post("/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
         assert denied.status_code == 401
+        async with httpx2.AsyncClient(headers={"Authorization": "Bearer wrong"}) as wrong_key:
+            with pytest.raises(BaseException) as caught:  # an MCP client shows why
+                async with Client(streamable_http_client(f"{top.gateway}/mcp", http_client=wrong_key), mode="legacy"):
+                    pass
+        error = caught.value
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        assert isinstance(error, MCPError) and "Unknown API key" in str(error)
     logged = "".join(p.read_text() for p in tmp_path.glob("*.log"))
     assert KEY not in logged
     assert '"request_id"' in (tmp_path / "gateway.log").read_text()

@@ -1,0 +1,369 @@
+// The llm-hub gateway dashboard: plain JavaScript, no build step, talking only to this gateway.
+"use strict";
+
+const KEY_STORAGE = "llm-hub-key";
+const REFRESH_MS = 3000;
+// Listing models asks every bridge's list_models tool, so it runs every few refreshes
+// (and whenever the tools change) rather than on every one.
+const MODELS_EVERY = 3;
+const HEARTBEAT = "waiting for LM Studio";
+
+const $ = (id) => document.getElementById(id);
+
+let key = sessionStorage.getItem(KEY_STORAGE); // "" when the gateway runs without keys
+let timer = null;
+let refreshes = 0; // only the latest refresh schedules the next, so loops never pile up
+let tick = 0;
+let toolNames = "";
+let shownNotices = "";
+let call = null; // the AbortController of the playground call in progress
+
+class Unauthorized extends Error {}
+
+// -- talking to the gateway -------------------------------------------------------------------
+
+async function api(path, options = {}) {
+  const headers = { ...options.headers };
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const response = await fetch(path, { ...options, headers });
+  if (response.ok) return response;
+  if (response.status === 401) throw new Unauthorized();
+  if (response.status === 429) {
+    throw new Error(`rate limit reached; try again in ${response.headers.get("Retry-After") || "a few"} s`);
+  }
+  const body = await response.json().catch(() => ({}));
+  throw new Error(body.error || `${path} answered ${response.status}`);
+}
+
+const getJSON = async (path) => (await api(path)).json();
+
+async function getHealth() {
+  try {
+    const response = await fetch("/health");
+    return await response.json();
+  } catch {
+    return null;
+  }
+}
+
+// Server-sent events from a fetch body: yields [event, data] (EventSource cannot POST or send headers).
+async function* serverEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    // Lines may end in \r\n, \n or \r; a \r at the very end may be half of a \r\n still to come.
+    buffer = (buffer + value).replace(/\r\n|\r(?!$)/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let type = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") type = text;
+        else if (field === "data") data.push(text);
+      }
+      if (data.length) yield [type, data.join("\n")];
+    }
+  }
+}
+
+// -- small DOM helpers ------------------------------------------------------------------------
+
+function h(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props)) {
+    if (value !== null && value !== undefined) node.setAttribute(name, value);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined).map((c) => (c instanceof Node ? c : String(c))));
+  return node;
+}
+
+const pill = (text, kind) => h("span", { class: `pill ${kind}` }, text);
+// The cell's content sits in one element, so on phones (rows as label/value grids) it stays one value.
+const cell = (label, ...children) => h("td", { "data-label": label }, h("div", {}, ...children));
+const nowrap = (text) => h("span", { class: "nowrap" }, text);
+const emptyRow = (columns, text) => h("tr", { class: "empty" }, h("td", { colspan: columns }, text));
+const number = (value) => (value === null || value === undefined ? "–" : Number(value).toLocaleString("en-US"));
+const ms = (value) => (value === null || value === undefined ? "–" : `${Number(value).toFixed(1)} ms`);
+const bridgeName = (url) => url.replace(/^[a-z]+:\/\//, "");
+
+// -- rendering --------------------------------------------------------------------------------
+
+function showHealth(health) {
+  const node = $("health");
+  if (!health) {
+    node.replaceChildren(pill("gateway unreachable", "bad"));
+    return;
+  }
+  const { healthy, total } = health.bridges;
+  const kind = health.status === "ok" ? (healthy < total ? "warn" : "ok") : "bad";
+  node.replaceChildren(pill(health.status === "ok" ? "healthy" : "unavailable", kind),
+    ` ${healthy}/${total} bridges · ${health.tools} tools`);
+  $("version").textContent = `v${health.version}`;
+}
+
+function showBridges(bridges) {
+  $("bridges").replaceChildren(...(bridges.length ? bridges.map((bridge) => h("tr", {},
+    cell("Bridge", h("span", { class: "mono nowrap" }, bridgeName(bridge.url))),
+    cell("State", pill(bridge.healthy ? "healthy" : "down", bridge.healthy ? "ok" : "bad")),
+    cell("Latency", nowrap(ms(bridge.latency_ms))),
+    cell("Calls", number(bridge.calls)),
+    cell("Tools", bridge.tools.length),
+    cell("Last error", bridge.last_error ? h("span", { class: "error" }, bridge.last_error) : "–"),
+  )) : [emptyRow(6, "No bridges are configured.")]));
+}
+
+function showStats(stats) {
+  const { p50, p95, p99 } = stats.latency_ms;
+  const tiles = [
+    ["Requests / s", stats.requests_per_second, `${number(stats.requests_last_minute)} in the last minute`],
+    ["Latency p50", ms(p50), `p95 ${ms(p95)} · p99 ${ms(p99)}`],
+    ["Errors (5xx)", number(stats.errors_5xx), `of ${number(stats.requests_total)} requests`],
+    ["Rate-limited", number(stats.rate_limited.tool + stats.rate_limited.other),
+      `${number(stats.rate_limited.tool)} tool calls · ${number(stats.rate_limited.other)} other`],
+    ["Tool calls", number(Object.values(stats.tool_calls).reduce((sum, n) => sum + n, 0)),
+      `${number(stats.tool_calls.ok)} ok · ${number(stats.tool_calls.error)} failed · ${number(stats.tool_calls.cancelled)} cancelled`],
+    ["In flight", number(stats.in_flight), "requests now, this one included"],
+  ];
+  $("stats").replaceChildren(...tiles.map(([label, value, detail]) =>
+    h("div", {}, h("dt", {}, label), h("dd", {}, value), h("dd", { class: "muted small" }, detail))));
+}
+
+function showModels({ models, skipped }) {
+  $("models").replaceChildren(...(models.length ? models.map((model) => h("tr", {},
+    cell("Model", h("strong", {}, model.display_name || model.id), h("br"), h("span", { class: "mono muted small" }, model.id)),
+    cell("Type", model.type),
+    cell("Loaded", model.loaded ? pill("loaded", "ok") : pill(model.loaded === false ? "not loaded" : "unknown", "idle")),
+    cell("Context", model.context_length ? nowrap(`${number(model.context_length)} tokens`) : "–"),
+    cell("Tools", ...model.tools.map((tool) => h("span", { class: "chip" }, tool))),
+    cell("Bridges", model.bridges.join(", ")),
+  )) : [emptyRow(6, "No models: no bridge is healthy, or LM Studio serves none.")]));
+  const failed = skipped.filter((s) => s.error !== "not healthy").length;
+  $("models-note").textContent = skipped.length ? `${skipped.length} bridge(s) not listed${failed ? "" : " (down)"}` : "";
+}
+
+function showTools(tools) {
+  const select = $("tool");
+  const chats = tools.map((tool) => tool.name).filter((name) => name.startsWith("chat_"));
+  const chosen = select.value;
+  select.replaceChildren(...(chats.length ? chats.map((name) => h("option", { value: name }, name))
+    : [h("option", { value: "" }, "no chat tool available")]));
+  if (chats.includes(chosen)) select.value = chosen;
+  $("run").disabled = Boolean(call) || !chats.length;
+}
+
+function notices(health, bridges) {
+  const found = [];
+  if (!health) {
+    found.push(["error", "Cannot reach the gateway.", "Check that it is running; this page retries every few seconds."]);
+  } else if (health.bridges.total === 0) {
+    found.push(["error", "No bridges.", "This gateway has no bridge configured: start it with --bridge URL (or LLM_HUB_BRIDGES)."]);
+  } else if (health.bridges.healthy === 0) {
+    found.push(["error", "No bridge is healthy, so no tools can be called.", "Each bridge's last error below says why."]);
+  }
+  for (const bridge of bridges.filter((b) => !b.healthy)) {
+    const name = bridgeName(bridge.url);
+    if (/LM Studio/i.test(bridge.last_error || "")) {
+      found.push(["warn", `LM Studio is down behind bridge ${name}.`,
+        "Its models are unavailable until LM Studio's server runs again on that machine "
+        + "(Developer tab, or `lms server start`); the bridge then rejoins by itself."]);
+    } else {
+      found.push(["warn", `Bridge ${name} is down.`, bridge.last_error || "It has not answered a health check yet."]);
+    }
+  }
+  if (key === "") found.push(["info", "Authentication is disabled on this gateway.", "Fine for development only."]);
+  return found;
+}
+
+function showNotices(found) {
+  const text = JSON.stringify(found);
+  if (text === shownNotices) return; // unchanged: do not make screen readers announce it again
+  shownNotices = text;
+  $("notices").replaceChildren(...found.map(([kind, title, detail]) =>
+    h("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : null }, h("strong", {}, title), " ", detail)));
+}
+
+// -- refreshing -------------------------------------------------------------------------------
+
+async function update() {
+  const health = await getHealth();
+  showHealth(health);
+  if (key === null) return;
+  try {
+    const [bridges, tools, stats] = await Promise.all([
+      getJSON("/v1/bridges"), getJSON("/v1/tools"), getJSON("/v1/stats")]);
+    showBridges(bridges.bridges);
+    showStats(stats);
+    showTools(tools.tools);
+    const names = tools.tools.map((tool) => tool.name).join(" ");
+    if (tick++ % MODELS_EVERY === 0 || names !== toolNames) {
+      toolNames = names;
+      showModels(await getJSON("/v1/models"));
+    }
+    showNotices(notices(health, bridges.bridges));
+  } catch (error) {
+    if (error instanceof Unauthorized) {
+      signOut("The gateway no longer accepts this key. Enter a valid one.");
+      return;
+    }
+    showNotices([...notices(health, []), ["error", "Could not refresh.", error.message]]);
+  }
+}
+
+async function refresh() {
+  clearTimeout(timer);
+  const mine = ++refreshes;
+  if (!document.hidden) await update();
+  if (mine === refreshes) timer = setTimeout(refresh, REFRESH_MS);
+}
+
+// -- the key ----------------------------------------------------------------------------------
+
+function showDashboard() {
+  $("login").hidden = true;
+  $("dashboard").hidden = false;
+  $("sign-out").hidden = !key;
+  tick = 0;
+}
+
+function signOut(message = "") {
+  call?.abort();
+  key = null;
+  sessionStorage.removeItem(KEY_STORAGE);
+  shownNotices = "";
+  $("dashboard").hidden = true;
+  $("sign-out").hidden = true;
+  $("login").hidden = false;
+  $("key-error").textContent = message;
+  $("key").focus();
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const candidate = $("key").value.trim();
+  $("key-error").textContent = "Checking…";
+  let response;
+  try {
+    response = await fetch("/v1/bridges", { headers: { Authorization: `Bearer ${candidate}` } });
+  } catch {
+    $("key-error").textContent = "Cannot reach the gateway. Check that it is running.";
+    return;
+  }
+  if (response.status === 401) {
+    $("key-error").textContent = "Wrong API key: the gateway did not accept it. "
+      + "Enter the KEY part of a NAME:KEY pair in LLM_HUB_API_KEYS.";
+    $("key").select();
+    return;
+  }
+  if (!response.ok) {
+    $("key-error").textContent = `The gateway answered ${response.status}; try again in a moment.`;
+    return;
+  }
+  key = candidate;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("key").value = "";
+  $("key-error").textContent = "";
+  showDashboard();
+  refresh();
+}
+
+// -- the playground ---------------------------------------------------------------------------
+
+function setCallState(state, message) {
+  $("play-form").closest("section").dataset.state = state;
+  $("play-status").textContent = message;
+  $("run").disabled = state === "running";
+  $("stop").disabled = state !== "running";
+  $("answer").setAttribute("aria-busy", String(state === "running"));
+}
+
+function showResult(result) {
+  const text = (result.content || []).filter((c) => c.type === "text").map((c) => c.text).join("\n");
+  if (result.isError) {
+    setCallState("error", `The call failed: ${text}`);
+    return;
+  }
+  const data = result.structuredContent || {};
+  $("answer").textContent = data.text ?? text;
+  const timings = data.timings || {};
+  $("answer-meta").textContent = [
+    data.model && `model ${data.model}`,
+    data.finish_reason && `finished: ${data.finish_reason}`,
+    data.usage && `${number(data.usage.completion_tokens)} tokens`,
+    timings.tokens_per_second && `${timings.tokens_per_second} tokens/s`,
+    timings.time_to_first_token_s !== undefined && timings.time_to_first_token_s !== null
+      && `first token after ${timings.time_to_first_token_s.toFixed(2)} s`,
+  ].filter(Boolean).join(" · ");
+  setCallState("done", "Done.");
+}
+
+async function runTool(event) {
+  event.preventDefault();
+  const tool = $("tool").value;
+  const prompt = $("prompt").value.trim();
+  if (call || !tool || !prompt) return;
+  const answer = $("answer");
+  answer.textContent = "";
+  $("answer-meta").textContent = "";
+  call = new AbortController();
+  setCallState("running", `Calling ${tool}…`);
+  let finished = false;
+  try {
+    const response = await api(`/v1/tools/${encodeURIComponent(tool)}`, {
+      method: "POST",
+      signal: call.signal,
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify({ prompt }),
+    });
+    for await (const [type, data] of serverEvents(response.body)) {
+      const payload = JSON.parse(data);
+      if (type === "progress" && payload.message?.startsWith(HEARTBEAT)) {
+        setCallState("running", "Waiting for LM Studio (loading the model or reading the prompt)…");
+      } else if (type === "progress" && payload.message) {
+        answer.append(payload.message);
+        answer.scrollTop = answer.scrollHeight;
+        setCallState("running", `Streaming… ${number(payload.progress)} tokens`);
+      } else if (type === "result") {
+        finished = true;
+        showResult(payload);
+      }
+    }
+    if (!finished) setCallState("error", "The connection closed before the answer was finished.");
+  } catch (error) {
+    if (error.name === "AbortError") setCallState("stopped", "Stopped: the call was cancelled.");
+    else if (error instanceof Unauthorized) signOut("The gateway no longer accepts this key. Enter a valid one.");
+    else setCallState("error", `The call failed: ${error.message}`);
+  } finally {
+    call = null;
+    if ($("play-form").closest("section").dataset.state === "running") setCallState("error", "The call ended.");
+  }
+}
+
+// -- start ------------------------------------------------------------------------------------
+
+async function start() {
+  $("key-form").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", () => signOut());
+  $("play-form").addEventListener("submit", runTool);
+  $("stop").addEventListener("click", () => call?.abort());
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("play-form").requestSubmit();
+  });
+  document.addEventListener("visibilitychange", () => document.hidden || refresh());
+  if (key === null) {
+    // A gateway started with LLM_HUB_AUTH_DISABLED needs no key: find out before asking for one.
+    const open = await fetch("/v1/bridges").then((r) => r.ok, () => false);
+    if (open) key = "";
+  }
+  if (key === null) signOut();
+  else showDashboard();
+  refresh();
+}
+
+start();
