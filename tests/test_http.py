@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import anyio
 import httpx2
 import pytest
@@ -12,7 +9,6 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_server.server import Bridge
-from mcp_server.settings import BridgeSettings
 from tests.conftest import CHAT_TOOL, EMBED_TOOL, bridge_settings
 from tests.fake_lmstudio import FakeLMStudio, serve
 
@@ -84,14 +80,3 @@ async def test_bridge_token_guards_mcp_but_not_health(lmstudio: tuple[FakeLMStud
             transport = streamable_http_client(f"{base}/mcp", http_client=guarded)
             async with Client(transport, mode="legacy") as client:
                 assert any(t.name == "list_models" for t in (await client.list_tools()).tools)
-
-
-def test_example_desktop_config_launches_the_bridge() -> None:
-    config = json.loads((Path(__file__).resolve().parents[1] / "claude_desktop_config.example.json").read_text())
-    server = config["mcpServers"]["lm-studio"]
-    assert Path(server["command"]).name == "uvx" and Path(server["command"]).is_absolute()
-    assert server["args"] == ["llm-hub"]
-    known = {"LMSTUDIO_URL", "LMSTUDIO_API_TOKEN", "LM_API_TOKEN"} | {
-        f"LLM_HUB_{name.upper()}" for name in BridgeSettings.model_fields
-    }
-    assert set(server["env"]) <= known
