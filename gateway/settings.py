@@ -13,7 +13,13 @@ from mcp_server.settings import CommaList, LogFormat, LogLevel
 class GatewaySettings(BaseSettings):
     """Every setting is an environment variable: `LLM_HUB_` + the field name in capitals."""
 
-    model_config = SettingsConfigDict(env_prefix="LLM_HUB_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_HUB_",
+        extra="ignore",
+        # `X=` in an .env file means "not set", not an empty token or URL.
+        env_ignore_empty=True,
+        frozen=True,
+    )
 
     bridges: CommaList = Field(
         default_factory=list, description="Bridge base URLs, e.g. http://127.0.0.1:3000 (the gateway uses /mcp and /health)."

@@ -40,6 +40,8 @@ class BridgeSettings(BaseSettings):
         env_prefix="LLM_HUB_",
         populate_by_name=True,
         extra="ignore",
+        # `X=` in an .env file means "not set", not an empty token or URL.
+        env_ignore_empty=True,
         frozen=True,
     )
 
