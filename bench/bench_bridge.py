@@ -7,7 +7,7 @@ Measures, with the fake LM Studio (tests/fake_lmstudio.py) in processes of its o
   4. cold start: spawn to initialize result vs `python -c "import mcp.server"`;
   5. resident memory of the bridge processes after use.
 
-Usage: .venv/bin/python bench/bench_bridge.py [--calls 300] [--runs 5] [--stream-runs 15] [--json]
+Usage: .venv/bin/python bench/bench_bridge.py [--calls 300] [--runs 5] [--stream-runs 11] [--json]
 """
 
 from __future__ import annotations
@@ -329,21 +329,19 @@ def direct_call_new_connection(http: httpx2.AsyncClient, url: str) -> TimedCall:
     return call
 
 
-async def interleaved_latency(calls: dict[str, TimedCall], count: int, warmup: int) -> dict[str, Latency]:
+async def interleaved_latency(calls: dict[str, TimedCall], rounds: int) -> dict[str, Latency]:
     """Rounds of one call per target, rotating the order, so drift on a noisy machine hits all alike."""
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
     cpu = dict.fromkeys(names, 0.0)
-    for i in range(warmup + count):
+    for i in range(rounds):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             cpu_started = time.process_time()
             started = time.perf_counter()
             await calls[name]()
-            elapsed = time.perf_counter() - started
-            if i >= warmup:
-                samples[name].append(elapsed)
-                cpu[name] += time.process_time() - cpu_started
+            samples[name].append(time.perf_counter() - started)
+            cpu[name] += time.process_time() - cpu_started
     return {name: Latency.of(values, cpu[name]) for name, values in samples.items()}
 
 
@@ -352,6 +350,8 @@ class StreamRun:
     pieces: int
     seconds: float  # request start to the last text piece received
     messages: int  # progress notifications (or SSE content chunks) that carried text
+    client_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0  # the bridge's, when there is one
 
     @property
     def rate(self) -> float:
@@ -493,43 +493,46 @@ async def start_lab(stack: AsyncExitStack, workdir: Path) -> Lab:
 
 
 async def measure_latency(lab: Lab, count: int, warmup: int) -> dict[str, Any]:
+    calls = {
+        "direct": direct_call(lab.http, lab.short_url),
+        "direct_new_connection": direct_call_new_connection(lab.http_no_reuse, lab.short_url),
+        "floor_stdio": floor_call(lab.floor["stdio"].client),
+        "floor_http": floor_call(lab.floor["http"].client),
+        "bridge_stdio": bridge_call(lab.bridge["stdio"].client),
+        "bridge_http": bridge_call(lab.bridge["http"].client),
+    }
+    if warmup:
+        await interleaved_latency(calls, warmup)
     servers = {f"{kind}_{transport}": served.pid
                for kind, group in (("bridge", lab.bridge), ("floor", lab.floor))
                for transport, served in group.items()}
     cpu_before = {name: cpu_seconds(pid) for name, pid in servers.items()}
-    latency = await interleaved_latency(
-        {
-            "direct": direct_call(lab.http, lab.short_url),
-            "direct_new_connection": direct_call_new_connection(lab.http_no_reuse, lab.short_url),
-            "floor_stdio": floor_call(lab.floor["stdio"].client),
-            "floor_http": floor_call(lab.floor["http"].client),
-            "bridge_stdio": bridge_call(lab.bridge["stdio"].client),
-            "bridge_http": bridge_call(lab.bridge["http"].client),
-        },
-        count, warmup,
-    )
+    latency = await interleaved_latency(calls, count)
     # Each server serves only its own calls here, so its CPU time divides cleanly (in clock ticks of ~10 ms).
-    cpu = {name: round((cpu_seconds(pid) - cpu_before[name]) / (warmup + count) * 1000, 3)
-           for name, pid in servers.items()}
+    cpu = {name: round((cpu_seconds(pid) - cpu_before[name]) / count * 1000, 3) for name, pid in servers.items()}
     return {
         "latency_ms": {name: vars(value) for name, value in latency.items()},
         "server_cpu_ms_per_call": cpu,
-        "added_latency": {transport: added_latency(latency, transport) for transport in ("stdio", "http")},
+        "added_latency": {transport: added_latency(latency, cpu, transport) for transport in ("stdio", "http")},
     }
 
 
 async def measure_streaming(lab: Lab, runs: int) -> dict[str, Any]:
-    paths: dict[str, Callable[[], Awaitable[StreamRun]]] = {
-        "direct": lambda: direct_stream(lab.http, lab.long_url),
-        "bridge_stdio": lambda: bridge_stream(lab.stream_bridge["stdio"].client),
-        "bridge_http": lambda: bridge_stream(lab.stream_bridge["http"].client),
+    paths: dict[str, tuple[Callable[[], Awaitable[StreamRun]], int | None]] = {
+        "direct": (lambda: direct_stream(lab.http, lab.long_url), None),
+        "bridge_stdio": (lambda: bridge_stream(lab.stream_bridge["stdio"].client), lab.stream_bridge["stdio"].pid),
+        "bridge_http": (lambda: bridge_stream(lab.stream_bridge["http"].client), lab.stream_bridge["http"].pid),
     }
     measured: dict[str, list[StreamRun]] = {name: [] for name in paths}
     # A lost piece is a bug wherever it happens, so the warm-up run counts for exactness.
     delivered: dict[str, list[int]] = {name: [] for name in paths}
     for i in range(1 + runs):
-        for name, stream in paths.items():
+        for name, (stream, pid) in paths.items():
+            server_before = cpu_seconds(pid) if pid else 0.0
+            client_before = time.process_time()
             done = await stream()
+            done.client_cpu_s = time.process_time() - client_before
+            done.server_cpu_s = cpu_seconds(pid) - server_before if pid else 0.0
             delivered[name].append(done.pieces)
             if i:
                 measured[name].append(done)
@@ -616,14 +619,17 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return result
 
 
-def added_latency(latency: dict[str, Latency], transport: str) -> dict[str, float]:
-    bridge = latency[f"bridge_{transport}"].p50_ms
-    direct = latency["direct"].p50_ms
-    floor = latency[f"floor_{transport}"].p50_ms
+def added_latency(latency: dict[str, Latency], server_cpu: dict[str, float], transport: str) -> dict[str, float]:
+    bridge, floor, direct = latency[f"bridge_{transport}"], latency[f"floor_{transport}"], latency["direct"]
+    # CPU is steadier than wall time under load: what the bridge path burns, client and server side,
+    # beyond what the floor and the direct call burn.
+    cpu_beyond = (bridge.client_cpu_ms + server_cpu[f"bridge_{transport}"]
+                  - floor.client_cpu_ms - server_cpu[f"floor_{transport}"] - direct.client_cpu_ms)
     return {
-        "added_p50_ms": round(bridge - direct, 3),
-        "floor_p50_ms": floor,
-        "beyond_floor_and_direct_p50_ms": round(bridge - floor - direct, 3),
+        "added_p50_ms": round(bridge.p50_ms - direct.p50_ms, 3),
+        "floor_p50_ms": floor.p50_ms,
+        "beyond_floor_and_direct_p50_ms": round(bridge.p50_ms - floor.p50_ms - direct.p50_ms, 3),
+        "cpu_beyond_floor_and_direct_ms": round(cpu_beyond, 3),
     }
 
 
@@ -638,6 +644,8 @@ def streaming_summary(runs: dict[str, list[StreamRun]], delivered: dict[str, lis
             "chunks_per_s_runs": [round(r.rate) for r in done],
             "seconds_median": round(median([r.seconds for r in done]), 3),
             "messages_per_call_median": median([float(r.messages) for r in done]),
+            "client_cpu_ms_median": round(median([r.client_cpu_s for r in done]) * 1000, 1),
+            "server_cpu_ms_median": round(median([r.server_cpu_s for r in done]) * 1000, 1),
             "pieces_all_runs": delivered[name],
             "ratio_to_direct": round(median(ratios), 3),
             "ratio_p25_p75": [round(percentile(ratios, 25), 3), round(percentile(ratios, 75), 3)],
@@ -706,17 +714,19 @@ def render(result: dict[str, Any]) -> str:
     for transport, added in result["added_latency"].items():
         lines.append(
             f"  {transport}: added p50 (bridge - direct) {added['added_p50_ms']:.3f} ms vs floor p50 "
-            f"{added['floor_p50_ms']:.3f} ms: {added['beyond_floor_and_direct_p50_ms']:+.3f} ms beyond floor + direct"
+            f"{added['floor_p50_ms']:.3f} ms: {added['beyond_floor_and_direct_p50_ms']:+.3f} ms beyond floor + direct "
+            f"(CPU: {added['cpu_beyond_floor_and_direct_ms']:+.2f} ms)"
         )
-    lines += ["", f"3. Streaming {cfg['stream_chunks']} chunks{'chunks/s p50':>40}{'ratio p50':>11}{'(p25-p75)':>15}"
-              f"{'msgs/call':>11}  pieces, each run"]
+    lines += ["", f"3. Streaming {cfg['stream_chunks']} chunks{'chunks/s p50':>40}{'ratio p50':>11}{'(p25-p75)':>13}"
+              f"{'msgs/call':>11}{'CPU ms: client':>16}{'server':>8}  pieces, each run"]
     for name, label in STREAM_LABELS.items():
         row = result["streaming"][name]
         spread = "({:.2f}-{:.2f})".format(*row["ratio_p25_p75"])
         distinct = sorted(set(row["pieces_all_runs"]))
         pieces = f"all {distinct[0]}" if len(distinct) == 1 else str(row["pieces_all_runs"])
-        lines.append(f"  {label:<56}{row['chunks_per_s_median']:>9}{row['ratio_to_direct']:>11.3f}{spread:>15}"
-                     f"{row['messages_per_call_median']:>11.0f}  {pieces}")
+        server = f"{row['server_cpu_ms_median']:>8.0f}" if name != "direct" else " " * 8
+        lines.append(f"  {label:<56}{row['chunks_per_s_median']:>9}{row['ratio_to_direct']:>11.3f}{spread:>13}"
+                     f"{row['messages_per_call_median']:>11.0f}{row['client_cpu_ms_median']:>16.0f}{server}  {pieces}")
     cold = result["cold_start_s"]
     lines += [
         "",
@@ -746,8 +756,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300, help="measured latency rounds (default 300)")
     parser.add_argument("--warmup", type=int, default=30, help="unmeasured latency rounds first (default 30)")
-    parser.add_argument("--stream-runs", type=int, default=15,
-                        help=f"{STREAM_CHUNKS}-chunk streams per path (default 15)")
+    parser.add_argument("--stream-runs", type=int, default=11,
+                        help=f"{STREAM_CHUNKS}-chunk streams per path (default 11)")
     parser.add_argument("--runs", type=int, default=5, help="cold starts of each kind (default 5)")
     parser.add_argument("--sessions", type=int, default=100,
                         help="HTTP sessions opened and closed to watch memory growth; 0 skips (default 100)")

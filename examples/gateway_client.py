@@ -17,16 +17,13 @@ import httpx2  # the HTTP library the MCP SDK 2.x is built on
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 
-# While a model loads, the bridge sends keep-alive progress with this message instead of text.
-WAITING = "waiting for LM Studio"
-
-
 async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-    """Called for every progress notification: `message` is the text generated since the last one."""
-    if not message:
-        return
-    if message.startswith(WAITING):
-        print(f"[{message}]", file=sys.stderr, flush=True)
+    """Called for every progress notification: `message` is the text generated since the last one.
+
+    Without a message it is a keep-alive: the model is loading or reading the prompt.
+    """
+    if message is None:
+        print("[waiting for LM Studio]", file=sys.stderr, flush=True)
     else:
         print(message, end="", flush=True)
 

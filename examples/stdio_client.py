@@ -18,10 +18,6 @@ from pathlib import Path
 
 from mcp import Client, StdioServerParameters
 
-# While a model loads, the bridge sends keep-alive progress with this message instead of text.
-WAITING = "waiting for LM Studio"
-
-
 def find_llm_hub() -> str:
     """`llm-hub` beside this Python (its virtualenv, even unactivated), else on PATH."""
     beside = Path(sys.executable).with_name("llm-hub")
@@ -32,11 +28,12 @@ def find_llm_hub() -> str:
 
 
 async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-    """Called for every progress notification: `message` is the text generated since the last one."""
-    if not message:
-        return
-    if message.startswith(WAITING):
-        print(f"[{message}]", file=sys.stderr, flush=True)
+    """Called for every progress notification: `message` is the text generated since the last one.
+
+    Without a message it is a keep-alive: the model is loading or reading the prompt.
+    """
+    if message is None:
+        print("[waiting for LM Studio]", file=sys.stderr, flush=True)
     else:
         print(message, end="", flush=True)
 

@@ -24,7 +24,10 @@ LimitKind = Literal["tool", "other"]
 TOOL_OUTCOMES: tuple[str, ...] = get_args(ToolOutcome)
 LIMIT_KINDS: tuple[str, ...] = get_args(LimitKind)
 
-ROUTES = ("/mcp", "/health", "/metrics", "/v1/tools", "/v1/tools/{name}", "/v1/bridges", "/openapi.json", "/")
+ROUTES = (
+    "/mcp", "/health", "/metrics", "/v1/tools", "/v1/tools/{name}", "/v1/bridges", "/v1/models", "/v1/stats",
+    "/openapi.json", "/",
+)
 OTHER = "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -155,7 +158,8 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)
         self._total += 1
-        if status >= 500:
+        # /health answers 503 by design while no bridge is healthy: a state, not a failed request.
+        if status >= 500 and route != "/health":
             self._errors += 1
         self._recent_rate.add()
         self._recent_latencies.append(seconds)

@@ -76,7 +76,10 @@ class RestApi:
 
         async def progress(value: float, total: float | None, message: str | None) -> None:
             event = {"progress": value, "total": total, "message": message}
-            await send.send(ServerSentEvent(json.dumps(event), event="progress"))
+            try:
+                await send.send(ServerSentEvent(json.dumps(event), event="progress"))
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass  # the client left; its call is being cancelled
 
         async def run() -> None:
             async with send:

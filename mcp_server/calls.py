@@ -16,10 +16,14 @@ from mcp_server.errors import BadUpstreamResponse, LMStudioError, UpstreamTimeou
 from mcp_server.lmstudio import LMStudioClient
 from mcp_server.tools import ChatArgs, CompleteArgs, EmbedArgs, ModelTool
 
-Report = Callable[[float, str], Awaitable[None]]
-"""`report(progress, message)`: one progress notification to the caller."""
+Report = Callable[[float, str | None], Awaitable[None]]
+"""`report(progress, message)`: one progress notification to the caller.
 
-WAITING = "waiting for LM Studio (loading the model or reading the prompt)"
+`message` is always exactly the text generated since the last one, so a client can concatenate
+messages into the answer; a heartbeat (nothing arrived yet: model loading, prompt processing)
+carries no message.
+"""
+
 # Heartbeats nudge progress by a sliver so it always increases while staying "tokens so far".
 _BEAT_STEP = 0.001
 
@@ -99,7 +103,7 @@ async def _stream(client: LMStudioClient, path: str, body: dict[str, Any], gen: 
                 return
             elif waited.cancelled_caught:
                 beats += 1
-                message = WAITING
+                message = None
             else:
                 continue  # woken for text an earlier notification already carried
             try:

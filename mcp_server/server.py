@@ -241,7 +241,7 @@ class Bridge:
 
 
 def _reporter(ctx: ServerRequestContext[Any]) -> Report:
-    async def report(progress: float, message: str) -> None:
+    async def report(progress: float, message: str | None) -> None:
         await ctx.session.report_progress(progress, None, message)
 
     return report

@@ -87,7 +87,7 @@ async def test_slow_lmstudio_gets_heartbeats_then_a_timeout(
         result = await client.call_tool(CHAT_TOOL, {"prompt": "hi"}, progress_callback=on_progress)
         assert result.is_error
         assert "did not finish within 1.5 s" in _text(result) and "LLM_HUB_REQUEST_TIMEOUT" in _text(result)
-        assert len(messages) >= 2 and all(m and m.startswith("waiting for LM Studio") for m in messages)
+        assert len(messages) >= 2 and all(m is None for m in messages)  # heartbeats: alive, no text
         with anyio.fail_after(5):
             await fake.disconnected.wait()  # the abandoned request was closed upstream
         fake.mode = "ok"

@@ -195,7 +195,7 @@ async def test_gateway_client_keeps_heartbeats_out_of_the_answer(topology: Topol
     finally:
         topology.fake.mode = "ok"
     assert code == 0, err
-    assert "[waiting for LM Studio" in err and "waiting" not in out
+    assert "[waiting for LM Studio" in err and "waiting" not in out  # heartbeats shown apart from text
     assert_streamed_and_summarised(out)
 
 

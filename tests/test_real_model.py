@@ -31,7 +31,7 @@ async def test_real_model_generates_text_with_progress(transport: str, mode: str
     updates: list[str] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        if message and not message.startswith("waiting"):
+        if message:
             updates.append(message)
 
     settings = bridge_settings(MODEL_URL, request_timeout=120)

@@ -6,7 +6,6 @@ const REFRESH_MS = 3000;
 // Listing models asks every bridge's list_models tool, so it runs every few refreshes
 // (and whenever the tools change) rather than on every one.
 const MODELS_EVERY = 3;
-const HEARTBEAT = "waiting for LM Studio";
 
 const $ = (id) => document.getElementById(id);
 
@@ -151,10 +150,13 @@ function showModels({ models, skipped }) {
 function showTools(tools) {
   const select = $("tool");
   const chats = tools.map((tool) => tool.name).filter((name) => name.startsWith("chat_"));
-  const chosen = select.value;
-  select.replaceChildren(...(chats.length ? chats.map((name) => h("option", { value: name }, name))
-    : [h("option", { value: "" }, "no chat tool available")]));
-  if (chats.includes(chosen)) select.value = chosen;
+  const listed = [...select.options].map((option) => option.value).join(" ");
+  if (listed !== chats.join(" ") || !chats.length) { // rebuilt only on change, so an open list stays open
+    const chosen = select.value;
+    select.replaceChildren(...(chats.length ? chats.map((name) => h("option", { value: name }, name))
+      : [h("option", { value: "" }, "no chat tool available")]));
+    if (chats.includes(chosen)) select.value = chosen;
+  }
   $("run").disabled = Boolean(call) || !chats.length;
 }
 
@@ -323,7 +325,7 @@ async function runTool(event) {
     });
     for await (const [type, data] of serverEvents(response.body)) {
       const payload = JSON.parse(data);
-      if (type === "progress" && payload.message?.startsWith(HEARTBEAT)) {
+      if (type === "progress" && payload.message == null) { // a keep-alive: no text yet
         setCallState("running", "Waiting for LM Studio (loading the model or reading the prompt)…");
       } else if (type === "progress" && payload.message) {
         answer.append(payload.message);
