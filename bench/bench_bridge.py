@@ -35,7 +35,7 @@ import mcp_types as types
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-ROOT = Path(__file__).resolve().parents[1]
+FAKE_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "fake_lmstudio.py"
 LLM_HUB = str(Path(sys.executable).with_name("llm-hub"))
 MODEL = "google/gemma-3-270m"
 CHAT_TOOL = "chat_google_gemma-3-270m"
@@ -48,29 +48,6 @@ TARGET_ADDED_MS = 1.0
 TARGET_STREAM_RATIO = 0.9
 TARGET_COLD_RATIO = 1.3
 TARGET_RSS_MB = 100.0
-
-# tests/fake_lmstudio.py binds its listening socket with proto 0, so asyncio does not set TCP_NODELAY on
-# the connections it accepts, and every request on a kept-alive connection stalls ~40 ms on Nagle plus
-# delayed ACK. That would swamp the direct baseline, so run the same CLI with a proper TCP socket.
-FAKE_LAUNCHER = """\
-import socket
-import sys
-
-sys.path.insert(0, {root!r})
-from tests import fake_lmstudio
-
-
-def bind_tcp(host, port):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
-
-
-fake_lmstudio._bind = bind_tcp
-fake_lmstudio.main()
-"""
 
 # A bare SDK server with one no-op tool: what any tool call costs before the bridge does anything.
 FLOOR_SERVER = '''\
@@ -223,8 +200,8 @@ async def wait_http(url: str, *, ok: Callable[[httpx2.Response], bool], timeout:
 
 
 @asynccontextmanager
-async def fake_lmstudio(launcher: Path, chunks: int, log: TextIO) -> AsyncIterator[str]:
-    cmd = [sys.executable, str(launcher), "--port", "0", "--models", MODEL, "--chunks", str(chunks)]
+async def fake_lmstudio(chunks: int, log: TextIO) -> AsyncIterator[str]:
+    cmd = [sys.executable, str(FAKE_SCRIPT), "--port", "0", "--models", MODEL, "--chunks", str(chunks)]
     async with spawned(cmd, env=clean_env(), log=log, capture_stdout=True) as process:
         assert process.stdout is not None
         first = b""
@@ -476,10 +453,8 @@ async def start_lab(stack: AsyncExitStack, workdir: Path) -> Lab:
 
     floor_script = workdir / "floor_server.py"
     floor_script.write_text(FLOOR_SERVER)
-    launcher = workdir / "fake_lmstudio_tcp.py"
-    launcher.write_text(FAKE_LAUNCHER.format(root=str(ROOT)))
-    short_url = await stack.enter_async_context(fake_lmstudio(launcher, SHORT_CHUNKS, log("fake-short")))
-    long_url = await stack.enter_async_context(fake_lmstudio(launcher, STREAM_CHUNKS, log("fake-long")))
+    short_url = await stack.enter_async_context(fake_lmstudio(SHORT_CHUNKS, log("fake-short")))
+    long_url = await stack.enter_async_context(fake_lmstudio(STREAM_CHUNKS, log("fake-long")))
     return Lab(
         short_url=short_url,
         long_url=long_url,

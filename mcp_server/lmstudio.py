@@ -210,13 +210,17 @@ class LMStudioClient:
                 yield self._chunks(response)
 
     async def _chunks(self, response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
+        done = False
         with self._mapped_errors(mid_stream=True):
             async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+                # After [DONE] the rest is read, not parsed: a response left unread cannot go back
+                # to the pool, and a new connection per call costs more than the call itself.
+                if done or not line.startswith("data:"):
                     continue  # blank separators, comments and event names carry nothing we need
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    return
+                    done = True
+                    continue
                 try:
                     chunk = json.loads(data)
                 except json.JSONDecodeError:

@@ -30,7 +30,17 @@ class ChangeNotifier:
         server.add_notification_handler("notifications/initialized", types.NotificationParams, self._initialized)
 
     async def _initialized(self, ctx: ServerRequestContext[Any], _params: types.NotificationParams) -> None:
-        self._sessions[id(ctx.session)] = ctx.session
+        key = id(ctx.session)
+        self._sessions[key] = ctx.session
+        # Forget the session when its connection closes, or every HTTP client that ever connected
+        # would stay here until the next change. The SDK gives handlers no public handle on the
+        # connection; its exit stack is the documented place for per-connection teardown.
+        ctx.session._connection.exit_stack.callback(self._sessions.pop, key, None)  # noqa: SLF001
+
+    @property
+    def connected(self) -> int:
+        """Handshake-era connections that will be told of changes."""
+        return len(self._sessions)
 
     async def tools_changed(self) -> None:
         await self.bus.publish(ToolsListChanged())

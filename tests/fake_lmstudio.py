@@ -389,7 +389,8 @@ class FakeLMStudio:
             body = await request.json()
         except ValueError:
             body = None
-        self.requests.append({"path": request.url.path, "json": body, "headers": dict(request.headers)})
+        client = request.client.port if request.client else None  # which connection it came on
+        self.requests.append({"path": request.url.path, "json": body, "headers": dict(request.headers), "client": client})
         if not isinstance(body, dict):
             return _error("Request body must be a JSON object.", 400)
         if self.mode == "error500":

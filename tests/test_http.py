@@ -80,3 +80,23 @@ async def test_bridge_token_guards_mcp_but_not_health(lmstudio: tuple[FakeLMStud
             transport = streamable_http_client(f"{base}/mcp", http_client=guarded)
             async with Client(transport, mode="legacy") as client:
                 assert any(t.name == "list_models" for t in (await client.list_tools()).tools)
+
+
+async def test_closed_sessions_are_forgotten_and_connections_reused(lmstudio: tuple[FakeLMStudio, str]) -> None:
+    fake, url = lmstudio
+    async with Bridge(bridge_settings(url)) as bridge, serve(bridge.http_app()) as base:
+        for _ in range(5):
+            async with Client(f"{base}/mcp", mode="legacy") as client:
+                await client.list_tools()
+                assert bridge.notifier.connected >= 1
+        with anyio.fail_after(5):
+            while bridge.notifier.connected:
+                await anyio.sleep(0.05)
+        async with Client(f"{base}/mcp", mode="legacy") as client:
+            with anyio.fail_after(10):
+                while CHAT_TOOL not in {t.name for t in (await client.list_tools()).tools}:
+                    await anyio.sleep(0.1)
+            for _ in range(3):
+                assert not (await client.call_tool(CHAT_TOOL, {"prompt": "hi"})).is_error
+    # One pooled connection carried all three streamed calls.
+    assert len({r["client"] for r in fake.requests}) == 1 and len(fake.requests) == 3
