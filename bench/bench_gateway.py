@@ -435,7 +435,7 @@ def render(result: dict[str, Any]) -> str:
     main = representative(result, cfg["concurrency"])
     lines += [
         "",
-        (f"Throughput, calls/s{'direct':>28}{'gateway':>9}{'ratio':>9}{'CPU-bound':>11}"
+        (f"Throughput, calls/s{'direct':>28}{'gateway':>9}{'ratio':>9}{'CPU ratio':>11}"
          "   CPU ms per call (client/gateway/bridge/fake)"),
     ]
     for phase, row in result["throughput"].items():
@@ -448,7 +448,7 @@ def render(result: dict[str, Any]) -> str:
     lines.append(f"  * the concurrent phase judged against the target (calls per block: {cfg['tp_calls']}, "
                  f"{cfg['tp_rounds']} blocks per path)")
     lines.append("  CPU ms per call: d = direct blocks, g = gateway blocks (from /proc, summed over the blocks);")
-    lines.append("  CPU-bound = direct / gateway CPU per call, all processes summed: the ratio once the cores are full")
+    lines.append("  CPU ratio = direct / gateway CPU per call, all four processes: the ratio with the cores full")
     if machine["loadavg_at_start"][0] > machine["cpus"]:
         lines += ["", (f"Note: load {machine['loadavg_at_start'][0]:g} on {machine['cpus']} CPUs at the start: "
                        "other work shared the machine; the paths were interleaved, so trust ratios more than "
@@ -480,7 +480,7 @@ def main() -> None:
     parser.add_argument("--sessions", dest="sessions_mode", choices=["one", "many", "both"], default="both",
                         help="concurrent calls on one client session, on one session each, or both (default)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs and say where")
-    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--json", action="store_true", help="print only the JSON result (else the table, then it)")
     args = parser.parse_args()
     if min(args.calls, args.block, args.concurrency, args.tp_calls, args.tp_rounds) < 1 or args.warmup < 0:
         parser.error("counts must be positive")
@@ -501,10 +501,10 @@ def main() -> None:
         print(f"server logs in {workdir}", file=sys.stderr)
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result))
-    else:
+    if not args.json:
         print(render(result))
+        print()
+    print(json.dumps(result, indent=None if args.json else 1))
 
 
 if __name__ == "__main__":

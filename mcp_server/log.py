@@ -6,8 +6,10 @@ what happened (tool, timing, outcome), never prompt or completion text, never a 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any
 
 from loguru import logger
 
@@ -23,10 +25,26 @@ class _ToLoguru(logging.Handler):
         logger.opt(exception=record.exc_info, depth=6).log(level, record.getMessage())
 
 
+def _json_line(record: Any) -> str:
+    # One flat object a line (time, level, where, message, context such as request_id): loguru's
+    # own serialize=True writes the whole record twice over, several times the size and the cost.
+    line = {
+        "time": record["time"].isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "logger": record["name"],
+        "message": record["message"],
+        **record["extra"],
+    }
+    if record["exception"] is not None:
+        line["exception"] = repr(record["exception"].value)
+    record["extra"]["_line"] = json.dumps(line, default=str)
+    return "{extra[_line]}\n"
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     logger.remove()
     if fmt == "json":
-        logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
+        logger.add(sys.stderr, level=level, format=_json_line, backtrace=False, diagnose=False)
     else:
         logger.add(
             sys.stderr,

@@ -139,7 +139,7 @@ async def test_logs_are_json_and_hold_no_prompt_completion_or_token() -> None:
         errlog.seek(0)
         logged = errlog.read()
     records = [json.loads(line) for line in logged.splitlines() if line.strip()]
-    assert any("done in" in r["text"] for r in records)
+    assert any("done in" in r["message"] and r["level"] == "INFO" for r in records)
     assert "PURPLE-ELEPHANT" not in logged and "ZEBRA" not in logged and "TOKEN-never-logged" not in logged
 
 
