@@ -310,7 +310,7 @@ def throughput(tallies: dict[str, Tally]) -> dict[str, Any]:
         "gateway_calls_per_s": round(through, 1),
         "ratio": round(through / direct, 3),
         # What the ratio would be if the machine's CPUs were the only limit: all four processes share 2 cores.
-        "cpu_bound_ratio": round(cpu["direct"] / cpu["gateway"], 3),
+        "cpu_ratio": round(cpu["direct"] / cpu["gateway"], 3),
         "block_rates": {path: t.block_rates for path, t in tallies.items()},
         "cpu_ms_per_call": {path: t.cpu_ms_per_call() for path, t in tallies.items()},
         "calls": {path: t.calls for path, t in tallies.items()},
@@ -443,7 +443,7 @@ def render(result: dict[str, Any]) -> str:
         cpu = row["cpu_ms_per_call"]
         detail = "  ".join(f"{path[0]}: " + "/".join(f"{cpu[path][p]:.1f}" for p in PROCESSES) for path in PATHS)
         lines.append(f"  {phase_label(phase) + mark:<38}{row['direct_calls_per_s']:>8.1f}"
-                     f"{row['gateway_calls_per_s']:>9.1f}{row['ratio']:>9.3f}{row['cpu_bound_ratio']:>11.3f}"
+                     f"{row['gateway_calls_per_s']:>9.1f}{row['ratio']:>9.3f}{row['cpu_ratio']:>11.3f}"
                      f"   {detail}")
     lines.append(f"  * the concurrent phase judged against the target (calls per block: {cfg['tp_calls']}, "
                  f"{cfg['tp_rounds']} blocks per path)")

