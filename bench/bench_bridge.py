@@ -15,12 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -28,21 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import _common as common
 import anyio
-import anyio.abc
 import httpx2
-import mcp_types as types
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-FAKE_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "fake_lmstudio.py"
-LLM_HUB = str(Path(sys.executable).with_name("llm-hub"))
-MODEL = "google/gemma-3-270m"
-CHAT_TOOL = "chat_google_gemma-3-270m"
 PROMPT = "Say hello."
 SHORT_CHUNKS = 5
 STREAM_CHUNKS = 3000
-PIECE = "tok"  # the fake's --chunks pieces are "tok{i} "
 
 TARGET_ADDED_MS = 1.0
 TARGET_STREAM_RATIO = 0.9
@@ -91,17 +81,8 @@ anyio.run(main)
 # -- statistics ----------------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def median(values: list[float]) -> float:
-    return percentile(values, 50)
+    return common.percentile(values, 50)
 
 
 @dataclass
@@ -114,23 +95,12 @@ class Latency:
 
     @classmethod
     def of(cls, seconds: list[float], cpu_seconds: float) -> Latency:
-        ms = [s * 1000 for s in seconds]
-        return cls(round(percentile(ms, 50), 3), round(percentile(ms, 99), 3), round(sum(ms) / len(ms), 3), len(ms),
-                   round(cpu_seconds / len(ms) * 1000, 3))
+        ms = common.summary_ms(seconds)
+        return cls(ms["p50_ms"], ms["p99_ms"], ms["mean_ms"], len(seconds),
+                   round(cpu_seconds / len(seconds) * 1000, 3))
 
 
 # -- processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_HUB_", "LMSTUDIO_", "LM_API"))}
-    return env | extra
 
 
 def child_pids() -> set[int]:
@@ -151,82 +121,6 @@ def child_pids() -> set[int]:
     return found
 
 
-def memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS (now) and VmHWM (peak) of a process, in MB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = round(int(rest.split()[0]) / 1024, 1)
-    return values
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@asynccontextmanager
-async def spawned(cmd: list[str], *, env: dict[str, str], log: TextIO,
-                  capture_stdout: bool = False) -> AsyncIterator[anyio.abc.Process]:
-    process = await anyio.open_process(
-        cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
-        stderr=log,
-    )
-    try:
-        yield process
-    finally:
-        with anyio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.terminate()
-                with anyio.move_on_after(5):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-            await process.aclose()
-
-
-async def wait_http(url: str, *, ok: Callable[[httpx2.Response], bool], timeout: float = 30) -> None:
-    async with httpx2.AsyncClient(timeout=2) as http:
-        with anyio.fail_after(timeout):
-            while True:
-                try:
-                    if ok(await http.get(url)):
-                        return
-                except httpx2.TransportError:
-                    pass
-                await anyio.sleep(0.05)
-
-
-@asynccontextmanager
-async def fake_lmstudio(chunks: int, log: TextIO) -> AsyncIterator[str]:
-    cmd = [sys.executable, str(FAKE_SCRIPT), "--port", "0", "--models", MODEL, "--chunks", str(chunks)]
-    async with spawned(cmd, env=clean_env(), log=log, capture_stdout=True) as process:
-        assert process.stdout is not None
-        first = b""
-        with anyio.fail_after(30):
-            while b"\n" not in first:
-                first += await process.stdout.receive()
-        match = re.search(rb"http://[\w.:\[\]]+", first)
-        if match is None:
-            raise RuntimeError(f"fake LM Studio printed no URL: {first!r}")
-        url = match.group().decode()
-        await wait_http(f"{url}/v1/models", ok=lambda r: r.status_code == 200)
-        yield url
-
-
-@asynccontextmanager
-async def http_server(cmd: list[str], port: int, *, ready_path: str, env: dict[str, str], log: TextIO,
-                      ready: Callable[[httpx2.Response], bool] = lambda r: r.status_code == 200,
-                      ) -> AsyncIterator[tuple[str, int]]:
-    """A server subprocess listening on `port`; yields (base URL, pid) once `ready_path` answers as `ready` wants."""
-    async with spawned(cmd, env=env, log=log) as process:
-        base = f"http://127.0.0.1:{port}"
-        await wait_http(base + ready_path, ok=ready)
-        yield base, process.pid
-
-
 @asynccontextmanager
 async def stdio_session(params: StdioServerParameters, log: TextIO) -> AsyncIterator[tuple[Client, int]]:
     """An SDK client on a spawned stdio server, with the server's pid found among our children."""
@@ -238,13 +132,6 @@ async def stdio_session(params: StdioServerParameters, log: TextIO) -> AsyncIter
         yield client, new.pop()
 
 
-async def wait_for_tool(client: Client, name: str, timeout: float = 30) -> None:
-    """The bridge discovers models in the background after the handshake."""
-    with anyio.fail_after(timeout):
-        while name not in {t.name for t in (await client.list_tools()).tools}:
-            await anyio.sleep(0.05)
-
-
 # -- measurements --------------------------------------------------------------------------
 
 TimedCall = Callable[[], Awaitable[None]]
@@ -253,24 +140,20 @@ TimedCall = Callable[[], Awaitable[None]]
 def chat_body() -> dict[str, Any]:
     # What the bridge sends for {"prompt": PROMPT}, so both paths ask the fake for the same thing.
     return {
-        "model": MODEL,
+        "model": common.MODEL,
         "messages": [{"role": "user", "content": PROMPT}],
         "stream": True,
         "stream_options": {"include_usage": True},
     }
 
 
-def text_of(result: types.CallToolResult) -> str:
-    return "".join(c.text for c in result.content if isinstance(c, types.TextContent))
-
-
 def bridge_call(client: Client) -> TimedCall:
-    expected = "".join(f"{PIECE}{i} " for i in range(SHORT_CHUNKS))
+    expected = common.fake_reply(SHORT_CHUNKS)
 
     async def call() -> None:
-        result = await client.call_tool(CHAT_TOOL, {"prompt": PROMPT})
-        if result.is_error or text_of(result) != expected:
-            raise RuntimeError(f"unexpected bridge answer: {text_of(result)!r}")
+        result = await client.call_tool(common.CHAT_TOOL, {"prompt": PROMPT})
+        if result.is_error or common.text_of(result) != expected:
+            raise RuntimeError(f"unexpected bridge answer: {common.text_of(result)!r}")
 
     return call
 
@@ -279,7 +162,7 @@ def floor_call(client: Client) -> TimedCall:
     async def call() -> None:
         result = await client.call_tool("noop", {})
         if result.is_error:
-            raise RuntimeError(f"floor tool failed: {text_of(result)!r}")
+            raise RuntimeError(f"floor tool failed: {common.text_of(result)!r}")
 
     return call
 
@@ -346,7 +229,7 @@ async def direct_stream(http: httpx2.AsyncClient, url: str) -> StreamRun:
             for choice in json.loads(line[5:]).get("choices") or ():
                 content = (choice.get("delta") or {}).get("content")
                 if content:
-                    pieces += content.count(PIECE)
+                    pieces += content.count(common.PIECE)
                     messages += 1
                     last = time.perf_counter()
     return StreamRun(pieces, last - started, messages)
@@ -358,15 +241,15 @@ async def bridge_stream(client: Client) -> StreamRun:
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         nonlocal pieces, messages, last
-        count = message.count(PIECE) if message else 0
+        count = message.count(common.PIECE) if message else 0
         if count:
             pieces += count
             messages += 1
             last = time.perf_counter()
 
-    result = await client.call_tool(CHAT_TOOL, {"prompt": PROMPT}, progress_callback=on_progress)
-    if result.is_error or text_of(result).count(PIECE) != STREAM_CHUNKS:
-        raise RuntimeError(f"unexpected streamed answer ({len(text_of(result))} chars, error={result.is_error})")
+    result = await client.call_tool(common.CHAT_TOOL, {"prompt": PROMPT}, progress_callback=on_progress)
+    if result.is_error or common.text_of(result).count(common.PIECE) != STREAM_CHUNKS:
+        raise RuntimeError(f"unexpected streamed answer ({len(common.text_of(result))} chars, error={result.is_error})")
     return StreamRun(pieces, last - started, messages)
 
 
@@ -418,43 +301,41 @@ class Lab:
 
 async def start_bridges(stack: AsyncExitStack, lmstudio_url: str, log: Callable[[str], TextIO],
                         label: str) -> dict[str, Served]:
-    params = StdioServerParameters(command=LLM_HUB, env={"LMSTUDIO_URL": lmstudio_url})
+    params = StdioServerParameters(command=common.LLM_HUB, env={"LMSTUDIO_URL": lmstudio_url})
     client, pid = await stack.enter_async_context(stdio_session(params, log(f"bridge-stdio-{label}")))
     stdio = Served(client, pid)
-    port = free_port()
-    base, pid = await stack.enter_async_context(http_server(
-        [LLM_HUB, "serve", "--port", str(port)], port, ready_path="/health",
-        env=clean_env(LMSTUDIO_URL=lmstudio_url), log=log(f"bridge-http-{label}"),
+    port = common.free_port()
+    base, pid = await stack.enter_async_context(common.http_server(
+        [common.LLM_HUB, "serve", "--port", str(port)], port, ready_path="/health",
+        env=common.clean_env(LMSTUDIO_URL=lmstudio_url), log=log(f"bridge-http-{label}"), what="bridge",
     ))
     http = Served(await stack.enter_async_context(Client(f"{base}/mcp", mode="legacy")), pid, base)
     for served in (stdio, http):
-        await wait_for_tool(served.client, CHAT_TOOL)
+        await common.wait_for_tool(served.client, common.CHAT_TOOL)
     return {"stdio": stdio, "http": http}
 
 
 async def start_floor(stack: AsyncExitStack, script: Path, log: Callable[[str], TextIO]) -> dict[str, Served]:
     params = StdioServerParameters(command=sys.executable, args=[str(script)])
     stdio = Served(*await stack.enter_async_context(stdio_session(params, log("floor-stdio"))))
-    port = free_port()
+    port = common.free_port()
     # GET /mcp without a session is refused, but any answer means the server is up.
-    base, pid = await stack.enter_async_context(http_server(
-        [sys.executable, str(script), str(port)], port, ready_path="/mcp", env=clean_env(), log=log("floor-http"),
-        ready=lambda r: r.status_code < 500,
+    base, pid = await stack.enter_async_context(common.http_server(
+        [sys.executable, str(script), str(port)], port, ready_path="/mcp", env=common.clean_env(),
+        log=log("floor-http"), what="SDK floor server", ready=lambda r: r.status_code < 500,
     ))
     http = Served(await stack.enter_async_context(Client(f"{base}/mcp", mode="legacy")), pid, base)
     for served in (stdio, http):
-        await wait_for_tool(served.client, "noop")
+        await common.wait_for_tool(served.client, "noop")
     return {"stdio": stdio, "http": http}
 
 
 async def start_lab(stack: AsyncExitStack, workdir: Path) -> Lab:
-    def log(name: str) -> TextIO:
-        return stack.enter_context(open(workdir / f"{name}.log", "a"))
-
+    log = common.log_files(stack, workdir)
     floor_script = workdir / "floor_server.py"
     floor_script.write_text(FLOOR_SERVER)
-    short_url = await stack.enter_async_context(fake_lmstudio(SHORT_CHUNKS, log("fake-short")))
-    long_url = await stack.enter_async_context(fake_lmstudio(STREAM_CHUNKS, log("fake-long")))
+    short_url, _ = await stack.enter_async_context(common.fake_lmstudio(SHORT_CHUNKS, log("fake-short")))
+    long_url, _ = await stack.enter_async_context(common.fake_lmstudio(STREAM_CHUNKS, log("fake-long")))
     return Lab(
         short_url=short_url,
         long_url=long_url,
@@ -481,10 +362,10 @@ async def measure_latency(lab: Lab, count: int, warmup: int) -> dict[str, Any]:
     servers = {f"{kind}_{transport}": served.pid
                for kind, group in (("bridge", lab.bridge), ("floor", lab.floor))
                for transport, served in group.items()}
-    cpu_before = {name: cpu_seconds(pid) for name, pid in servers.items()}
+    cpu_before = {name: common.cpu_seconds(pid) for name, pid in servers.items()}
     latency = await interleaved_latency(calls, count)
     # Each server serves only its own calls here, so its CPU time divides cleanly (in clock ticks of ~10 ms).
-    cpu = {name: round((cpu_seconds(pid) - cpu_before[name]) / count * 1000, 3) for name, pid in servers.items()}
+    cpu = {name: round((common.cpu_seconds(pid) - cpu_before[name]) / count * 1000, 3) for name, pid in servers.items()}
     return {
         "latency_ms": {name: vars(value) for name, value in latency.items()},
         "server_cpu_ms_per_call": cpu,
@@ -503,11 +384,11 @@ async def measure_streaming(lab: Lab, runs: int) -> dict[str, Any]:
     delivered: dict[str, list[int]] = {name: [] for name in paths}
     for i in range(1 + runs):
         for name, (stream, pid) in paths.items():
-            server_before = cpu_seconds(pid) if pid else 0.0
+            server_before = common.cpu_seconds(pid) if pid else 0.0
             client_before = time.process_time()
             done = await stream()
             done.client_cpu_s = time.process_time() - client_before
-            done.server_cpu_s = cpu_seconds(pid) - server_before if pid else 0.0
+            done.server_cpu_s = common.cpu_seconds(pid) - server_before if pid else 0.0
             delivered[name].append(done.pieces)
             if i:
                 measured[name].append(done)
@@ -516,12 +397,12 @@ async def measure_streaming(lab: Lab, runs: int) -> dict[str, Any]:
 
 def measure_memory(lab: Lab) -> dict[str, dict[str, float]]:
     return {
-        "bridge_stdio": memory_mb(lab.bridge["stdio"].pid),
-        "bridge_http": memory_mb(lab.bridge["http"].pid),
-        "bridge_stdio_after_streaming": memory_mb(lab.stream_bridge["stdio"].pid),
-        "bridge_http_after_streaming": memory_mb(lab.stream_bridge["http"].pid),
-        "floor_stdio": memory_mb(lab.floor["stdio"].pid),
-        "floor_http": memory_mb(lab.floor["http"].pid),
+        "bridge_stdio": common.memory_mb(lab.bridge["stdio"].pid),
+        "bridge_http": common.memory_mb(lab.bridge["http"].pid),
+        "bridge_stdio_after_streaming": common.memory_mb(lab.stream_bridge["stdio"].pid),
+        "bridge_http_after_streaming": common.memory_mb(lab.stream_bridge["http"].pid),
+        "floor_stdio": common.memory_mb(lab.floor["stdio"].pid),
+        "floor_http": common.memory_mb(lab.floor["http"].pid),
     }
 
 
@@ -529,16 +410,16 @@ async def measure_session_churn(lab: Lab, sessions: int) -> dict[str, Any]:
     """Not a target: a server that keeps closed sessions grows with every client that comes and goes."""
     growth: dict[str, float] = {}
     for name, served in (("bridge_http", lab.bridge["http"]), ("floor_http", lab.floor["http"])):
-        before = memory_mb(served.pid)["VmRSS"]
+        before = common.memory_mb(served.pid)["VmRSS"]
         for _ in range(sessions):
             async with Client(f"{served.url}/mcp", mode="legacy"):
                 pass
-        growth[name] = round(memory_mb(served.pid)["VmRSS"] - before, 1)
+        growth[name] = round(common.memory_mb(served.pid)["VmRSS"] - before, 1)
     return {"sessions": sessions, "rss_growth_mb": growth}
 
 
 async def measure_cold_start(lab: Lab, runs: int) -> dict[str, Any]:
-    params = StdioServerParameters(command=LLM_HUB, env={"LMSTUDIO_URL": lab.short_url})
+    params = StdioServerParameters(command=common.LLM_HUB, env={"LMSTUDIO_URL": lab.short_url})
     log = lab.log("bridge-cold")
     bridge: list[float] = []
     imported: list[float] = []
@@ -572,8 +453,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "config": {"calls": args.calls, "warmup": args.warmup, "runs": args.runs, "stream_runs": args.stream_runs,
                    "sessions": args.sessions, "short_chunks": SHORT_CHUNKS, "stream_chunks": STREAM_CHUNKS},
-        "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-                    "python": sys.version.split()[0]},
+        "machine": common.machine_info(),
     }
     async with AsyncExitStack() as stack:
         note("starting two fake LM Studios, four bridges and two SDK floor servers", quiet)
@@ -589,7 +469,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             result["session_churn"] = await measure_session_churn(lab, args.sessions)
         note(f"cold start: 1 warm-up + {args.runs} runs each", quiet)
         result["cold_start_s"] = await measure_cold_start(lab, args.runs)
-    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"]["loadavg_at_end"] = common.loadavg()
     result["targets"] = targets(result)
     return result
 
@@ -623,7 +503,7 @@ def streaming_summary(runs: dict[str, list[StreamRun]], delivered: dict[str, lis
             "server_cpu_ms_median": round(median([r.server_cpu_s for r in done]) * 1000, 1),
             "pieces_all_runs": delivered[name],
             "ratio_to_direct": round(median(ratios), 3),
-            "ratio_p25_p75": [round(percentile(ratios, 25), 3), round(percentile(ratios, 75), 3)],
+            "ratio_p25_p75": [round(common.percentile(ratios, 25), 3), round(common.percentile(ratios, 75), 3)],
         }
     return summary
 
@@ -673,12 +553,12 @@ STREAM_LABELS = {
 def render(result: dict[str, Any]) -> str:
     cfg, machine = result["config"], result["machine"]
     lines = [
-        f"llm-hub bridge benchmark: {cfg['calls']} rounds (+{cfg['warmup']} warm-up), {cfg['stream_runs']} stream "
-        f"runs, {cfg['runs']} cold starts; {machine['cpus']} CPUs, load {machine['loadavg_at_start']} -> "
-        f"{machine['loadavg_at_end']}",
+        (f"llm-hub bridge benchmark: {cfg['calls']} rounds (+{cfg['warmup']} warm-up), {cfg['stream_runs']} stream "
+         f"runs, {cfg['runs']} cold starts; {machine['cpus']} CPUs, load {machine['loadavg_at_start']} -> "
+         f"{machine['loadavg_at_end']}"),
         "",
-        f"1-2. Latency per call, ms (chat reply of {cfg['short_chunks']} chunks){'p50':>12}{'p99':>9}{'mean':>9}"
-        f"{'CPU: client':>13}{'server':>8}",
+        (f"1-2. Latency per call, ms (chat reply of {cfg['short_chunks']} chunks){'p50':>12}{'p99':>9}{'mean':>9}"
+         f"{'CPU: client':>13}{'server':>8}"),
     ]
     server_cpu = result["server_cpu_ms_per_call"]
     for name, label in LATENCY_LABELS.items():
@@ -692,8 +572,8 @@ def render(result: dict[str, Any]) -> str:
             f"{added['floor_p50_ms']:.3f} ms: {added['beyond_floor_and_direct_p50_ms']:+.3f} ms beyond floor + direct "
             f"(CPU: {added['cpu_beyond_floor_and_direct_ms']:+.2f} ms)"
         )
-    lines += ["", f"3. Streaming {cfg['stream_chunks']} chunks{'chunks/s p50':>40}{'ratio p50':>11}{'(p25-p75)':>13}"
-              f"{'msgs/call':>11}{'CPU ms: client':>16}{'server':>8}  pieces, each run"]
+    lines += ["", (f"3. Streaming {cfg['stream_chunks']} chunks{'chunks/s p50':>40}{'ratio p50':>11}{'(p25-p75)':>13}"
+                   f"{'msgs/call':>11}{'CPU ms: client':>16}{'server':>8}  pieces, each run")]
     for name, label in STREAM_LABELS.items():
         row = result["streaming"][name]
         spread = "({:.2f}-{:.2f})".format(*row["ratio_p25_p75"])
@@ -708,8 +588,8 @@ def render(result: dict[str, Any]) -> str:
         "4. Cold start, s (median of runs)",
         f"  {'llm-hub over stdio: spawn -> initialize result':<56}{cold['bridge_median']:>9.3f}  {cold['bridge_runs']}",
         f"  {IMPORT_BASELINE + ', until exit':<56}{cold['import_mcp_server_median']:>9.3f}  {cold['import_runs']}",
-        f"  {'  same, until imported (no teardown, like the bridge)':<56}"
-        f"{cold['import_mcp_server_until_imported_median']:>9.3f}",
+        (f"  {'  same, until imported (no teardown, like the bridge)':<56}"
+         f"{cold['import_mcp_server_until_imported_median']:>9.3f}"),
         f"  {'ratio (to exit; to imported)':<56}{cold['ratio']:>9.3f}{cold['ratio_to_until_imported']:>9.3f}",
         "",
         f"5. Resident memory, MB{'VmRSS':>43}{'VmHWM':>9}",
@@ -741,17 +621,9 @@ def main() -> None:
     if min(args.calls, args.stream_runs, args.runs) < 1 or min(args.warmup, args.sessions) < 0:
         parser.error("counts must be positive")
 
-    workdir = Path(tempfile.mkdtemp(prefix="llm-hub-bench-"))
-    try:
+    with common.server_logs("llm-hub-bench-") as workdir:
         result = anyio.run(run, args, workdir)
-    except BaseException:
-        print(f"benchmark failed; server logs kept in {workdir}", file=sys.stderr)
-        raise
-    shutil.rmtree(workdir, ignore_errors=True)
-    if not args.json:
-        print(render(result))
-        print()
-    print(json.dumps(result, indent=None if args.json else 1))
+    common.print_result(result, render, args.json)
 
 
 if __name__ == "__main__":

@@ -22,38 +22,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import _common as common
 import anyio
-import anyio.abc
 import httpx2
-import mcp_types as types
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-LLM_HUB = str(BIN / "llm-hub")
-LLM_HUB_GATEWAY = str(BIN / "llm-hub-gateway")
-FAKE = ROOT / "tests" / "fake_lmstudio.py"
-MODEL = "google/gemma-3-270m"
-CHAT_TOOL = "chat_google_gemma-3-270m"
+LLM_HUB_GATEWAY = str(Path(sys.executable).with_name("llm-hub-gateway"))
 ARGUMENTS = {"prompt": "hi"}
 CHUNKS = 5
-EXPECTED = "".join(f"tok{i} " for i in range(CHUNKS))  # the fake's --chunks pieces
+EXPECTED = common.fake_reply(CHUNKS)
 
 TARGET_ADDED_P50_MS = 3.0
 TARGET_ADDED_P99_MS = 10.0
@@ -63,134 +51,29 @@ PATHS = ("direct", "gateway")
 PROCESSES = ("client", "gateway", "bridge", "fake")
 
 
-# -- statistics ----------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def summary_ms(seconds: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in seconds]
-    return {
-        "p50_ms": round(percentile(ms, 50), 3),
-        "p90_ms": round(percentile(ms, 90), 3),
-        "p99_ms": round(percentile(ms, 99), 3),
-        "mean_ms": round(sum(ms) / len(ms), 3),
-        "max_ms": round(max(ms), 3),
-        "n": len(ms),
-    }
-
-
 # -- processes -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def bridge(lmstudio_url: str, log: TextIO) -> AbstractAsyncContextManager[tuple[str, int]]:
+    port = common.free_port()
+    env = common.clean_env(LMSTUDIO_URL=lmstudio_url, LLM_HUB_LOG_LEVEL="WARNING")
+    cmd = [common.LLM_HUB, "serve", "--port", str(port)]
+    # 200 once the bridge has polled LM Studio and built its tools.
+    return common.http_server(cmd, port, ready_path="/health", env=env, log=log, what="bridge")
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_HUB_", "LMSTUDIO_", "LM_API"))}
-    return env | extra
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far (clock ticks of 10 ms)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def memory_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
-
-
-@asynccontextmanager
-async def spawned(cmd: list[str], *, env: dict[str, str], log: TextIO,
-                  capture_stdout: bool = False) -> AsyncIterator[anyio.abc.Process]:
-    process = await anyio.open_process(
-        cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
-    )
-    try:
-        yield process
-    finally:
-        with anyio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.terminate()
-                with anyio.move_on_after(5):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-            await process.aclose()
-
-
-async def wait_http(url: str, ok: Callable[[httpx2.Response], bool], process: anyio.abc.Process, what: str,
-                    timeout: float = 30) -> None:
-    async with httpx2.AsyncClient(timeout=2) as http:
-        with anyio.fail_after(timeout):
-            while True:
-                if process.returncode is not None:
-                    raise RuntimeError(f"{what} exited with {process.returncode} before it was ready")
-                try:
-                    if ok(await http.get(url)):
-                        return
-                except httpx2.TransportError:
-                    pass
-                await anyio.sleep(0.05)
-
-
-@asynccontextmanager
-async def fake_lmstudio(log: TextIO) -> AsyncIterator[tuple[str, int]]:
-    cmd = [sys.executable, str(FAKE), "--port", "0", "--models", MODEL, "--chunks", str(CHUNKS)]
-    async with spawned(cmd, env=clean_env(), log=log, capture_stdout=True) as process:
-        assert process.stdout is not None
-        first = b""
-        with anyio.fail_after(30):
-            while b"\n" not in first:
-                first += await process.stdout.receive()
-        match = re.search(rb"http://[\w.:\[\]]+", first)
-        if match is None:
-            raise RuntimeError(f"fake LM Studio printed no URL: {first!r}")
-        url = match.group().decode()
-        await wait_http(f"{url}/v1/models", lambda r: r.status_code == 200, process, "fake LM Studio")
-        yield url, process.pid
-
-
-@asynccontextmanager
-async def bridge(lmstudio_url: str, log: TextIO) -> AsyncIterator[tuple[str, int]]:
-    port = free_port()
-    env = clean_env(LMSTUDIO_URL=lmstudio_url, LLM_HUB_LOG_LEVEL="WARNING")
-    async with spawned([LLM_HUB, "serve", "--port", str(port)], env=env, log=log) as process:
-        base = f"http://127.0.0.1:{port}"
-        # 200 once the bridge has polled LM Studio and built its tools.
-        await wait_http(f"{base}/health", lambda r: r.status_code == 200, process, "bridge")
-        yield base, process.pid
-
-
-@asynccontextmanager
-async def gateway(bridge_url: str, key: str, log: TextIO) -> AsyncIterator[tuple[str, int]]:
-    port = free_port()
-    env = clean_env(
+def gateway(bridge_url: str, key: str, log: TextIO) -> AbstractAsyncContextManager[tuple[str, int]]:
+    port = common.free_port()
+    env = common.clean_env(
         LLM_HUB_API_KEYS=f"bench:{key}",
         LLM_HUB_RATE_LIMIT="1000000/minute",
         LLM_HUB_REQUEST_LIMIT="1000000/minute",
         LLM_HUB_LOG_LEVEL="WARNING",
     )
     cmd = [LLM_HUB_GATEWAY, "--bridge", bridge_url, "--port", str(port)]
-    async with spawned(cmd, env=env, log=log) as process:
-        base = f"http://127.0.0.1:{port}"
-        # 200 once a bridge is admitted; its tools are loaded before it is.
-        await wait_http(f"{base}/health", lambda r: r.status_code == 200 and r.json()["tools"] > 1, process, "gateway")
-        yield base, process.pid
+    # 200 once a bridge is admitted; its tools are loaded before it is.
+    return common.http_server(cmd, port, ready_path="/health", env=env, log=log, what="gateway",
+                              ready=lambda r: r.status_code == 200 and r.json()["tools"] > 1)
 
 
 @asynccontextmanager
@@ -200,9 +83,7 @@ async def session(url: str, key: str) -> AsyncIterator[Client]:
         httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as http,
         Client(streamable_http_client(url, http_client=http), mode="legacy") as client,
     ):
-        with anyio.fail_after(30):
-            while CHAT_TOOL not in {t.name for t in (await client.list_tools()).tools}:
-                await anyio.sleep(0.05)
+        await common.wait_for_tool(client, common.CHAT_TOOL)
         yield client
 
 
@@ -210,8 +91,8 @@ async def session(url: str, key: str) -> AsyncIterator[Client]:
 
 
 async def call(client: Client) -> None:
-    result = await client.call_tool(CHAT_TOOL, ARGUMENTS)
-    text = "".join(c.text for c in result.content if isinstance(c, types.TextContent))
+    result = await client.call_tool(common.CHAT_TOOL, ARGUMENTS)
+    text = common.text_of(result)
     if result.is_error or text != EXPECTED:
         raise RuntimeError(f"unexpected answer (is_error={result.is_error}): {text[:300]!r}")
 
@@ -223,7 +104,7 @@ class Lab:
     many: dict[str, list[Client]] = field(default_factory=dict)  # path -> N sessions
 
     def cpu(self) -> dict[str, float]:
-        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return {name: common.cpu_seconds(pid) for name, pid in self.pids.items()}
 
 
 @dataclass
@@ -332,18 +213,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "config": {
             "calls_c1": rounds * args.block, "block": args.block, "rounds_c1": rounds, "warmup": args.warmup,
             "tp_calls": args.tp_calls, "tp_rounds": args.tp_rounds, "concurrency": args.concurrency,
-            "chunks": CHUNKS, "tool": CHAT_TOOL,
+            "chunks": CHUNKS, "tool": common.CHAT_TOOL,
         },
-        "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-                    "python": sys.version.split()[0]},
+        "machine": common.machine_info(),
     }
     key = secrets.token_urlsafe(24)
     async with AsyncExitStack() as stack:
-        def log(name: str) -> TextIO:
-            return stack.enter_context(open(workdir / f"{name}.log", "a"))
-
+        log = common.log_files(stack, workdir)
         note("starting fake LM Studio, a bridge and a gateway", quiet)
-        fake_url, fake_pid = await stack.enter_async_context(fake_lmstudio(log("fake")))
+        fake_url, fake_pid = await stack.enter_async_context(common.fake_lmstudio(CHUNKS, log("fake")))
         bridge_url, bridge_pid = await stack.enter_async_context(bridge(fake_url, log("bridge")))
         gateway_url, gateway_pid = await stack.enter_async_context(gateway(bridge_url, key, log("gateway")))
         urls = {"direct": f"{bridge_url}/mcp", "gateway": f"{gateway_url}/mcp"}
@@ -363,7 +241,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         note(f"concurrency 1: {rounds} rounds of {args.block} calls per path, alternating", quiet)
         c1 = await interleaved(lab, sequential(lab, args.block), rounds)
-        result["latency_c1"] = {path: summary_ms(t.latencies) for path, t in c1.items()}
+        result["latency_c1"] = {path: common.summary_ms(t.latencies) for path, t in c1.items()}
         result["latency_c1"]["added_p50_ms"] = round(
             result["latency_c1"]["gateway"]["p50_ms"] - result["latency_c1"]["direct"]["p50_ms"], 3)
         result["latency_c1"]["added_p99_ms"] = round(
@@ -375,9 +253,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                  "per path, alternating", quiet)
             tallies = await interleaved(lab, concurrent(lab, args.tp_calls, args.concurrency, mode), args.tp_rounds)
             result["throughput"][f"c{args.concurrency}_{mode}"] = throughput(tallies)
-        result["memory_mb_after"] = {name: memory_mb(pid) for name, pid in lab.pids.items()}
+        result["memory_mb_after"] = {name: common.memory_mb(pid)["VmRSS"] for name, pid in lab.pids.items()}
         note("done; stopping the servers", quiet)
-    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"]["loadavg_at_end"] = common.loadavg()
     result["targets"] = targets(result, args.concurrency)
     return result
 
@@ -420,8 +298,9 @@ def render(result: dict[str, Any]) -> str:
     cfg, machine = result["config"], result["machine"]
     latency = result["latency_c1"]
     lines = [
-        (f"llm-hub gateway benchmark: {CHAT_TOOL} {json.dumps(ARGUMENTS)}, fake LM Studio replying {cfg['chunks']} "
-         f"pieces; {machine['cpus']} CPUs, load {machine['loadavg_at_start']} -> {machine['loadavg_at_end']}"),
+        (f"llm-hub gateway benchmark: {common.CHAT_TOOL} {json.dumps(ARGUMENTS)}, fake LM Studio replying "
+         f"{cfg['chunks']} pieces; {machine['cpus']} CPUs, load {machine['loadavg_at_start']} -> "
+         f"{machine['loadavg_at_end']}"),
         "direct = SDK client -> bridge /mcp;  gateway = SDK client -> gateway /mcp -> bridge /mcp",
         "",
         f"Latency per call, concurrency 1, ms ({cfg['calls_c1']} calls per path, blocks of {cfg['block']})",
@@ -485,26 +364,17 @@ def main() -> None:
     if min(args.calls, args.block, args.concurrency, args.tp_calls, args.tp_rounds) < 1 or args.warmup < 0:
         parser.error("counts must be positive")
 
-    workdir = Path(tempfile.mkdtemp(prefix="llm-hub-bench-gateway-"))
     try:
-        result = anyio.run(run, args, workdir)
+        with common.server_logs("llm-hub-bench-gateway-", keep=args.keep_logs) as workdir:
+            result = anyio.run(run, args, workdir)
     except KeyboardInterrupt:
-        print(f"interrupted; server logs kept in {workdir}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
         # 65 sessions nest their task groups: show the errors themselves, not ten levels of groups.
         for error in leaf_errors(exc):
             traceback.print_exception(error, file=sys.stderr)
-        print(f"benchmark failed; server logs kept in {workdir}", file=sys.stderr)
         raise SystemExit(1) from None
-    if args.keep_logs:
-        print(f"server logs in {workdir}", file=sys.stderr)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if not args.json:
-        print(render(result))
-        print()
-    print(json.dumps(result, indent=None if args.json else 1))
+    common.print_result(result, render, args.json)
 
 
 if __name__ == "__main__":

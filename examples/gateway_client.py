@@ -17,6 +17,7 @@ import httpx2  # the HTTP library the MCP SDK 2.x is built on
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 
+
 async def on_progress(progress: float, total: float | None, message: str | None) -> None:
     """Called for every progress notification: `message` is the text generated since the last one.
 

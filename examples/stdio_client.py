@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mcp import Client, StdioServerParameters
 
+
 def find_llm_hub() -> str:
     """`llm-hub` beside this Python (its virtualenv, even unactivated), else on PATH."""
     beside = Path(sys.executable).with_name("llm-hub")
