@@ -119,6 +119,9 @@ async def up(bridge_port: int, gateway_overrides: dict[str, Any], bridge_overrid
     )
     _announce(settings)
     async with Bridge(bridge_settings) as bridge, anyio.create_task_group() as tg:
-        tg.start_soon(_uvicorn(bridge.http_app(), "127.0.0.1", bridge_port).serve)
+        bridge_server = _uvicorn(bridge.http_app(), "127.0.0.1", bridge_port)
+        tg.start_soon(bridge_server.serve)
+        while not bridge_server.started:  # so the gateway's first health check finds it listening
+            await anyio.sleep(0.02)
         await _uvicorn(Gateway(settings).app(), settings.host, settings.port).serve()
         tg.cancel_scope.cancel()
