@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from gateway.metrics import Metrics
 from gateway.pool import BridgeConnection, BridgePool, BridgeUnavailable
+from gateway.router import no_progress
 
 STATIC = Path(__file__).with_name("static")
 LIST_MODELS = "list_models"
@@ -91,9 +92,6 @@ class Dashboard:
 
 
 async def _catalog(bridge: BridgeConnection) -> dict[str, Any]:
-    async def no_progress(_value: float, _total: float | None, _message: str | None) -> None:
-        return None
-
     try:
         with anyio.fail_after(MODELS_TIMEOUT):
             result = await bridge.call(LIST_MODELS, {}, no_progress, None)

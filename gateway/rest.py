@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.pool import BridgePool
+from gateway.router import no_progress
 from gateway.server import ToolCaller
 
 
@@ -59,9 +60,6 @@ class RestApi:
             return _problem(400, "The body must be a JSON object of tool arguments, e.g. {\"prompt\": \"Hello\"}.")
         if "text/event-stream" in request.headers.get("accept", ""):
             return self._stream(name, arguments)
-
-        async def no_progress(_value: float, _total: float | None, _message: str | None) -> None:
-            return None
 
         result = await self.caller.call(name, arguments, no_progress)
         return JSONResponse(_dump(result))

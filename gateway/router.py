@@ -18,6 +18,10 @@ from gateway.pool import BridgeConnection, BridgePool, BridgeUnavailable
 Progress = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
+async def no_progress(_value: float, _total: float | None, _message: str | None) -> None:
+    """For callers that want only the result."""
+
+
 class NoBridge(Exception):
     """No healthy bridge offers the tool."""
 
