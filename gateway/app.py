@@ -1,8 +1,9 @@
 """The gateway's ASGI app: middleware, routes and the lifespan that runs the bridge pool.
 
 A request passes, outermost first: request id -> metrics -> CORS -> body-size limit ->
-API-key auth -> rate limit -> route (MCP at /mcp, REST under /v1, /health, /metrics, and the
-dashboard page at / with its files under /static/).
+API-key auth -> rate limit -> route (MCP at /mcp, where 2026-era tool calls take the fast path
+straight to a bridge; REST under /v1, /health, /metrics, and the dashboard page at / with its files
+under /static/).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from starlette.routing import Mount, Route
 from gateway import __version__, openapi
 from gateway.auth import ApiKeyAuth
 from gateway.dashboard import Dashboard
+from gateway.fastpath import FastPath
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.pool import BridgePool
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
 from gateway.request_id import RequestIdMiddleware
 from gateway.rest import RestApi
+from gateway.router import Router
 from gateway.server import GatewayServer, ToolCaller
 from gateway.settings import GatewaySettings
 
@@ -44,7 +47,8 @@ class Gateway:
         self.metrics = Metrics()
         self.limiter = RateLimiter(settings)
         self.pool = BridgePool(settings, on_change=self._tools_changed)
-        self.caller = ToolCaller(self.pool, self.metrics, settings)
+        self.router = Router(self.pool, settings, self.metrics)
+        self.caller = ToolCaller(self.pool, self.router, self.metrics, settings)
         self.mcp = GatewayServer(self.pool, self.caller)
         self.rest = RestApi(self.pool, self.caller)
         self.dashboard = Dashboard(self.pool, self.metrics)
@@ -58,7 +62,7 @@ class Gateway:
             "status": "ok" if healthy else "unavailable",
             "version": __version__,
             "bridges": {"healthy": healthy, "total": len(self.pool.bridges)},
-            "tools": len(self.pool.tools()),
+            "tools": len(self.pool.union()),
         }
         return JSONResponse(body, status_code=200 if healthy else 503)
 
@@ -88,7 +92,7 @@ class Gateway:
                 Route("/openapi.json", openapi.endpoint, methods=["GET"]),
                 *self.rest.routes(),
                 *self.dashboard.routes(),
-                Mount("/", app=mcp_app),
+                Mount("/", app=FastPath(mcp_app, self.caller, self.router)),
             ],
             middleware=[
                 Middleware(RequestIdMiddleware),

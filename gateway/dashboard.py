@@ -18,8 +18,8 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gateway.metrics import Metrics
-from gateway.pool import BridgeConnection, BridgePool, BridgeUnavailable
-from gateway.router import no_progress
+from gateway.pool import Bridge, BridgePool
+from gateway.upstream import UpstreamError
 
 STATIC = Path(__file__).with_name("static")
 LIST_MODELS = "list_models"
@@ -66,10 +66,10 @@ class Dashboard:
             if not bridge.healthy
         ]
 
-        async def ask(bridge: BridgeConnection) -> None:
+        async def ask(bridge: Bridge) -> None:
             try:
                 answers[bridge.name] = await _catalog(bridge)
-            except (BridgeUnavailable, TimeoutError, ValueError) as exc:
+            except (UpstreamError, TimeoutError, ValueError) as exc:
                 skipped.append({"bridge": bridge.name, "error": str(exc) or type(exc).__name__})
 
         async with anyio.create_task_group() as tg:
@@ -91,10 +91,10 @@ class Dashboard:
         return JSONResponse({"models": list(merged.values()), "lmstudio": lmstudio, "skipped": skipped})
 
 
-async def _catalog(bridge: BridgeConnection) -> dict[str, Any]:
+async def _catalog(bridge: Bridge) -> dict[str, Any]:
     try:
         with anyio.fail_after(MODELS_TIMEOUT):
-            result = await bridge.call(LIST_MODELS, {}, no_progress, None)
+            result = await bridge.client.call_tool(LIST_MODELS, {}, None, {})
     except TimeoutError:
         raise TimeoutError(f"{LIST_MODELS} took longer than {MODELS_TIMEOUT:g} s") from None
     catalog = result.structured_content

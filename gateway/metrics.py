@@ -129,6 +129,27 @@ class Metrics:
             namespace=namespace,
             registry=self.registry,
         )
+        self.bridge_in_flight = Gauge(
+            "bridge_calls_in_flight",
+            "Tool calls this gateway has in flight, by bridge and model.",
+            ["bridge", "model"],
+            namespace=namespace,
+            registry=self.registry,
+        )
+        self.bridge_routed = Counter(
+            "bridge_calls_routed",
+            "Tool calls sent to a bridge, by bridge and model.",
+            ["bridge", "model"],
+            namespace=namespace,
+            registry=self.registry,
+        )
+        self.jit_loads = Counter(
+            "bridge_jit_loads",
+            "Calls this gateway sent to a bridge that did not have the model loaded (LM Studio loads it).",
+            ["bridge", "model"],
+            namespace=namespace,
+            registry=self.registry,
+        )
         self.bridge_up = Gauge(
             "bridge_up",
             "1 when the bridge passed its last health check.",
@@ -179,6 +200,15 @@ class Metrics:
             raise ValueError(f"kind must be one of {LIMIT_KINDS}, not {kind!r}")
         self.rate_limited.labels(kind).inc()
         self._rejections[kind] += 1
+
+    def call_routed(self, bridge: str, model: str, *, jit_load: bool) -> None:
+        self.bridge_in_flight.labels(bridge, model).inc()
+        self.bridge_routed.labels(bridge, model).inc()
+        if jit_load:
+            self.jit_loads.labels(bridge, model).inc()
+
+    def call_done(self, bridge: str, model: str) -> None:
+        self.bridge_in_flight.labels(bridge, model).dec()
 
     def set_bridge_up(self, bridge: str, up: bool) -> None:
         self.bridge_up.labels(bridge).set(1 if up else 0)

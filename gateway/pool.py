@@ -1,235 +1,347 @@
-"""The bridges behind the gateway: one connection each, health-checked, with its tools.
+"""The bridges behind the gateway: their health, their tools, where each model is loaded.
 
-Each bridge gets one long-lived task that owns its SDK `Client` (a client must be entered and
-left in the same task), checks the bridge's `/health` on the interval, and re-reads its tools
-when the bridge says they changed. Calls run in the callers' tasks on that shared client.
+Each bridge has one owner task that checks its `/health` on the interval (which also reports,
+per model, whether it is loaded, its parallel slots and its calls in flight) and keeps a
+`subscriptions/listen` stream open so that a change of its tools is seen at once. No call
+depends on either: calls are separate HTTP requests (`upstream.py`).
+
+A bridge that is down stays known for a grace period: its tools stay in the union, marked
+unavailable, so a caller is told why a call cannot be served instead of "unknown tool".
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-import httpx2
 import mcp_types as types
 from loguru import logger
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
 from gateway.settings import GatewaySettings
+from gateway.upstream import BridgeClient, UpstreamError
 
 ChangeListener = Callable[[], Awaitable[None]]
 _FIRST_RETRY = 0.25
+_LISTEN_RETRY = 1.0
+AVAILABLE_META = "llm-hub/available"
 
 
-class BridgeUnavailable(Exception):
-    """The bridge cannot take calls now (down, ejected, or failing mid-call)."""
+@dataclass
+class ModelLoad:
+    """One model on one bridge, as the bridge last reported it."""
+
+    model: str
+    tools: list[str]
+    loaded: bool
+    slots: int
+    reported_in_flight: int = 0
+    own_at_report: int = 0
 
 
-class BridgeConnection:
-    """One bridge: its state, its tools, and the client the gateway calls it with."""
+@dataclass
+class ToolEntry:
+    """One tool of the union: its definition and which bridges could serve it."""
+
+    tool: types.Tool
+    bridges: list[Bridge] = field(default_factory=list)
+
+    @property
+    def available(self) -> bool:
+        return any(b.healthy for b in self.bridges)
+
+    def unavailable_reason(self) -> str:
+        reasons = "; ".join(f"{b.name}: {b.last_error or 'not checked yet'}" for b in self.bridges)
+        return f"No bridge can take {self.tool.name} now. Bridges that have it: {reasons}."
+
+
+class Bridge:
+    """One bridge: its state as the gateway sees it, and the client calls use."""
 
     def __init__(self, url: str, settings: GatewaySettings, on_change: ChangeListener) -> None:
         self.url = url
-        self.name = url.split("://", 1)[-1]
         self.settings = settings
+        token = settings.bridge_token.get_secret_value() if settings.bridge_token else None
+        self.client = BridgeClient(url, token=token, timeout=settings.call_timeout)
+        self.name = self.client.name
         self._on_change = on_change
         self.healthy = False
+        self.known = False  # answered at least once, so its tools mean something
+        self.down_since: float | None = time.monotonic()
         self.tools: dict[str, types.Tool] = {}
+        self.models: dict[str, ModelLoad] = {}
+        self._tool_model: dict[str, str] = {}
+        self.in_flight: Counter[str] = Counter()
+        self.routed = 0
         self.latency_ms: float | None = None
         self.last_check: datetime | None = None
         self.last_error: str | None = None
-        self.calls = 0
-        self._client: Client | None = None
+        self.next_check_at = time.monotonic()
+        self._catalog_version: object = None
         self._wake = anyio.Event()
-        self._tools_stale = False
-        self._eject_reason: str | None = None
-        token = settings.bridge_token.get_secret_value() if settings.bridge_token else None
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._tools_stale = True
 
-    # -- what callers use ----------------------------------------------------------------
+    # -- what routing reads ----------------------------------------------------------------
+
+    def model_of(self, tool: str) -> str:
+        return self._tool_model.get(tool, tool)
+
+    def is_loaded(self, tool: str) -> bool:
+        load = self.models.get(self.model_of(tool))
+        # A bridge that does not say (older bridge, model just appeared) is taken at its word.
+        return load is None or load.loaded
+
+    def slots(self, tool: str) -> int:
+        load = self.models.get(self.model_of(tool))
+        return max(1, load.slots) if load else 4
+
+    def load(self, tool: str) -> int:
+        """Calls in flight for the tool's model here: ours now, plus other gateways' at the last report."""
+        model = self.model_of(tool)
+        own = self.in_flight[model]
+        report = self.models.get(model)
+        others = max(0, report.reported_in_flight - report.own_at_report) if report else 0
+        return own + others
+
+    def saturation(self, tool: str) -> float:
+        return self.load(tool) / self.slots(tool)
+
+    def started(self, tool: str) -> str:
+        """Count a call in; returns the model it counts against."""
+        model = self.model_of(tool)
+        self.in_flight[model] += 1
+        self.routed += 1
+        load = self.models.get(model)
+        if load is not None and not load.loaded:
+            # It is loading now: further calls should queue here rather than load it elsewhere too.
+            load.loaded = True
+        return model
+
+    def finished(self, model: str) -> None:
+        self.in_flight[model] -= 1
+        if self.in_flight[model] <= 0:
+            del self.in_flight[model]
 
     def state(self) -> dict[str, Any]:
         return {
             "url": self.url,
+            "name": self.name,
             "healthy": self.healthy,
             "latency_ms": self.latency_ms,
             "last_check": self.last_check.isoformat() if self.last_check else None,
             "last_error": self.last_error,
-            "calls": self.calls,
+            "calls": self.routed,
+            "in_flight": sum(self.in_flight.values()),
             "tools": sorted(self.tools),
+            "models": [
+                {
+                    "model": load.model,
+                    "tools": load.tools,
+                    "loaded": load.loaded,
+                    "slots": load.slots,
+                    "in_flight": self.load(load.tools[0]) if load.tools else self.in_flight[load.model],
+                }
+                for load in self.models.values()
+            ],
         }
 
-    async def call(
-        self, name: str, arguments: dict[str, Any] | None, progress: Callable[[float, float | None, str | None], Awaitable[None]],
-        meta: dict[str, Any] | None,
-    ) -> types.CallToolResult:
-        client = self._client
-        if client is None or not self.healthy:
-            raise BridgeUnavailable(f"bridge {self.name} is not connected")
-        self.calls += 1
-        try:
-            return await client.call_tool(name, arguments, progress_callback=progress, meta=meta)  # type: ignore[arg-type]
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            raise BridgeUnavailable(f"bridge {self.name} failed: {_describe(exc)}") from exc
+    def in_grace(self) -> bool:
+        """Whether its tools still belong in the union."""
+        if not self.known:
+            return False
+        return self.down_since is None or time.monotonic() - self.down_since < self.settings.grace_period
 
-    def eject(self, reason: str) -> None:
-        """Take the bridge out of rotation until a health check passes again."""
+    # -- changes of state ------------------------------------------------------------------
+
+    async def eject(self, reason: str) -> None:
+        """Out of rotation until a health check passes again (evidence: refused, reset, 5xx)."""
         if self.healthy:
             logger.warning("bridge {} ejected: {}", self.name, reason)
-        self.healthy = False
         self.last_error = reason
-        self._eject_reason = reason
-        self._wake.set()
+        await self._set_healthy(False)
+        self._wake.set()  # look again soon
 
     def refresh_tools_soon(self) -> None:
         self._tools_stale = True
         self._wake.set()
-
-    # -- the owner task ------------------------------------------------------------------
-
-    async def run(self, http: httpx2.AsyncClient) -> None:
-        retry = _FIRST_RETRY
-        while True:
-            if await self._check(http):
-                retry = _FIRST_RETRY
-                try:
-                    await self._serve_connected(http)
-                except Exception as exc:
-                    self.last_error = f"connection lost: {_describe(exc)}"
-                    logger.warning("bridge {}: {}", self.name, self.last_error)
-                await self._set_healthy(False)
-            # A bridge that is starting or restarting is back within seconds: look again soon,
-            # backing off to the health interval while it stays down.
-            await self._sleep(min(retry, self.settings.health_interval))
-            retry *= 2
-
-    async def _serve_connected(self, http: httpx2.AsyncClient) -> None:
-        async with httpx2.AsyncClient(
-            headers=self._headers, timeout=httpx2.Timeout(self.settings.call_timeout, connect=5.0)
-        ) as mcp_http:
-            transport = streamable_http_client(f"{self.url}/mcp", http_client=mcp_http)
-            # No response cache: the tool list changes under us and must never be served stale.
-            async with Client(transport, mode="legacy", cache=None, message_handler=self._on_message) as client:
-                self._client = client
-                try:
-                    self._eject_reason = None
-                    await self._load_tools(client)
-                    await self._set_healthy(True)
-                    while True:
-                        await self._sleep()
-                        if self._eject_reason is not None or not await self._check(http):
-                            return
-                        if self._tools_stale:
-                            await self._load_tools(client)
-                finally:
-                    self._client = None
-
-    async def _on_message(self, message: Any) -> None:
-        if isinstance(message, types.ToolListChangedNotification):
-            self.refresh_tools_soon()
-
-    async def _load_tools(self, client: Client) -> None:
-        self._tools_stale = False
-        listed = await client.list_tools()
-        tools = {tool.name: tool for tool in listed.tools}
-        if tools != self.tools:
-            self.tools = tools
-            if self.healthy:
-                await self._on_change()
-
-    async def _check(self, http: httpx2.AsyncClient) -> bool:
-        started = time.monotonic()
-        self.last_check = datetime.now(UTC)
-        try:
-            response = await http.get(f"{self.url}/health", timeout=self.settings.health_timeout)
-        except httpx2.HTTPError as exc:
-            return self._failed_check(f"health check failed: {_describe(exc)}")
-        self.latency_ms = round((time.monotonic() - started) * 1000, 2)
-        if response.status_code != 200:
-            detail = _health_detail(response)
-            return self._failed_check(f"health check answered {response.status_code}{detail}")
-        return True
-
-    def _failed_check(self, reason: str) -> bool:
-        if self.healthy or self.last_error != reason:
-            logger.warning("bridge {}: {}", self.name, reason)
-        self.last_error = reason
-        return False
 
     async def _set_healthy(self, healthy: bool) -> None:
         if healthy == self.healthy:
             return
         self.healthy = healthy
         if healthy:
+            self.down_since = None
             self.last_error = None
             logger.info("bridge {} admitted with {} tools", self.name, len(self.tools))
+        else:
+            self.down_since = time.monotonic()
         await self._on_change()
 
-    async def _sleep(self, seconds: float | None = None) -> None:
-        with anyio.move_on_after(self.settings.health_interval if seconds is None else seconds):
-            await self._wake.wait()
-        self._wake = anyio.Event()
+    # -- the owner task --------------------------------------------------------------------
 
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._listen)
+            retry = _FIRST_RETRY
+            while True:
+                if await self._check():
+                    retry = _FIRST_RETRY
+                    wait = self.settings.health_interval
+                else:
+                    # A bridge that is starting or restarting is back within seconds: look again soon,
+                    # backing off to the health interval while it stays down.
+                    wait = min(retry, self.settings.health_interval)
+                    retry *= 2
+                    if self.known and not self.in_grace():
+                        await self._on_change()  # its grace period may just have ended
+                self.next_check_at = time.monotonic() + wait
+                with anyio.move_on_after(wait):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        return _describe(exc.exceptions[0])
-    return str(exc) or type(exc).__name__
+    async def _check(self) -> bool:
+        started = time.monotonic()
+        self.last_check = datetime.now(UTC)
+        try:
+            response = await self.client.health(self.settings.health_timeout)
+        except UpstreamError as exc:
+            return await self._failed_check(f"health check failed: {exc}")
+        self.latency_ms = round((time.monotonic() - started) * 1000, 2)
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        self._read_serving(body.get("serving"))
+        if response.status_code != 200:
+            detail = (body.get("lmstudio") or {}).get("last_error") if isinstance(body.get("lmstudio"), dict) else None
+            return await self._failed_check(f"health check answered {response.status_code}" + (f": {detail}" if detail else ""))
+        version = body.get("catalog_version")
+        if self._tools_stale or version != self._catalog_version or not self.known:
+            try:
+                await self._load_tools()
+            except UpstreamError as exc:
+                return await self._failed_check(f"tool list failed: {exc}")
+            self._catalog_version = version
+        await self._set_healthy(True)
+        return True
 
+    async def _failed_check(self, reason: str) -> bool:
+        if self.healthy or self.last_error != reason:
+            logger.warning("bridge {}: {}", self.name, reason)
+        self.last_error = reason
+        await self._set_healthy(False)
+        return False
 
-def _health_detail(response: httpx2.Response) -> str:
-    try:
-        error = response.json().get("lmstudio", {}).get("last_error")
-    except (ValueError, AttributeError):
-        return ""
-    return f": {error}" if error else ""
+    def _read_serving(self, serving: Any) -> None:
+        if not isinstance(serving, list):
+            return
+        models: dict[str, ModelLoad] = {}
+        for entry in serving:
+            if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+                continue
+            tools = [t for t in entry.get("tools") or [] if isinstance(t, str)]
+            slots = entry.get("slots")
+            reported = entry.get("in_flight")
+            models[entry["model"]] = ModelLoad(
+                model=entry["model"],
+                tools=tools,
+                loaded=entry.get("loaded") is not False,
+                slots=slots if isinstance(slots, int) and slots > 0 else 4,
+                reported_in_flight=reported if isinstance(reported, int) else 0,
+                own_at_report=self.in_flight[entry["model"]],
+            )
+        self.models = models
+        self._tool_model = {tool: load.model for load in models.values() for tool in load.tools}
+
+    async def _load_tools(self) -> None:
+        self._tools_stale = False
+        tools = {tool.name: tool for tool in await self.client.list_tools()}
+        self.known = True
+        if tools != self.tools:
+            self.tools = tools
+            await self._on_change()
+
+    async def _listen(self) -> None:
+        """Hold a `subscriptions/listen` stream; each change wakes the owner loop to re-read."""
+        while True:
+            try:
+                async with self.client.listen() as notifications:
+                    async for message in notifications:
+                        if message.method == "notifications/tools/list_changed":
+                            self.refresh_tools_soon()
+            except UpstreamError as exc:
+                logger.debug("bridge {}: change stream ended: {}", self.name, exc)
+            await anyio.sleep(_LISTEN_RETRY)
 
 
 class BridgePool:
-    """All bridges: the union of their tools and round-robin choice among the healthy ones."""
+    """All bridges, and the union of their tools as clients see it."""
 
     def __init__(self, settings: GatewaySettings, on_change: ChangeListener) -> None:
         self.settings = settings
         self._on_change = on_change
-        self.bridges = [BridgeConnection(url, settings, self._changed) for url in settings.bridges]
-        self._turn: dict[str, int] = {}
-        self._union: dict[str, types.Tool] = {}
+        self.bridges = [Bridge(url, settings, self._changed) for url in settings.bridges]
+        self._signature: object = None
 
     async def run(self) -> None:
-        async with httpx2.AsyncClient(headers={}) as http, anyio.create_task_group() as tg:
-            for bridge in self.bridges:
-                tg.start_soon(bridge.run, http)
+        try:
+            async with anyio.create_task_group() as tg:
+                for bridge in self.bridges:
+                    tg.start_soon(bridge.run)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for bridge in self.bridges:
+                    await bridge.client.aclose()
 
     async def _changed(self) -> None:
-        # Clients hear about changes to the union only, not every bridge flapping behind it.
-        union = self.tools()
-        if union != self._union:
-            self._union = union
+        # Clients hear about changes of what they see (names, definitions, availability),
+        # not every bridge flapping behind a tool another bridge still serves.
+        signature = [(entry.tool, entry.available) for entry in self.union().values()]
+        if signature != self._signature:
+            self._signature = signature
             await self._on_change()
 
     @property
-    def healthy(self) -> list[BridgeConnection]:
+    def healthy(self) -> list[Bridge]:
         return [b for b in self.bridges if b.healthy]
 
-    def tools(self) -> dict[str, types.Tool]:
-        union: dict[str, types.Tool] = {}
-        for bridge in self.healthy:
+    def union(self) -> dict[str, ToolEntry]:
+        entries: dict[str, ToolEntry] = {}
+        for bridge in self.bridges:
+            if not bridge.in_grace():
+                continue
             for name, tool in bridge.tools.items():
-                union.setdefault(name, tool)
-        return union
+                entry = entries.get(name)
+                if entry is None:
+                    entry = entries[name] = ToolEntry(tool)
+                elif bridge.healthy and not entry.available:
+                    entry.tool = tool  # a serving bridge's definition (loaded state) is the current one
+                entry.bridges.append(bridge)
+        return entries
 
-    def candidates(self, tool: str) -> list[BridgeConnection]:
-        """Healthy bridges offering `tool`, starting with the next one in round-robin order."""
-        having = [b for b in self.healthy if tool in b.tools]
-        if not having:
-            return []
-        turn = self._turn.get(tool, 0)
-        self._turn[tool] = turn + 1
-        start = turn % len(having)
-        return having[start:] + having[:start]
+    def tools(self) -> list[types.Tool]:
+        """The union as MCP tools; those no bridge can serve now say so in `_meta`."""
+        listed = []
+        for entry in self.union().values():
+            if entry.available:
+                listed.append(entry.tool)
+            else:
+                note = "Unavailable right now: the bridges serving it are down. "
+                listed.append(entry.tool.model_copy(update={
+                    "description": note + (entry.tool.description or ""),
+                    "meta": {**(entry.tool.meta or {}), AVAILABLE_META: False},
+                }))
+        return listed
+
+    def retry_after(self, entry: ToolEntry) -> int:
+        """Seconds until one of the tool's bridges is looked at again."""
+        now = time.monotonic()
+        soonest = min((b.next_check_at - now for b in entry.bridges), default=1.0)
+        return max(1, math.ceil(soonest))

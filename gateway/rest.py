@@ -17,16 +17,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.pool import BridgePool
-from gateway.router import no_progress
-from gateway.server import ToolCaller
+from gateway.router import Unavailable
+from gateway.server import InvalidInput, ToolCaller, UnknownTool
+from gateway.upstream import CallRejected, GatewayBusy
 
 
 def _dump(model: Any) -> Any:
     return model.model_dump(by_alias=True, mode="json", exclude_none=True)
 
 
-def _problem(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _problem(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+_BODY = "The body must be a JSON object of tool arguments, e.g. {\"prompt\": \"Hello\"}."
 
 
 class RestApi:
@@ -42,26 +46,47 @@ class RestApi:
         ]
 
     async def list_tools(self, _request: Request) -> Response:
-        return JSONResponse({"tools": [_dump(tool) for tool in self.pool.tools().values()]})
+        tools = []
+        for entry in self.pool.union().values():
+            tool = {**_dump(entry.tool), "available": entry.available, "bridges": [b.name for b in entry.bridges]}
+            if not entry.available:
+                tool["unavailable_reason"] = entry.unavailable_reason()
+            tools.append(tool)
+        return JSONResponse({"tools": tools})
 
     async def bridges(self, _request: Request) -> Response:
         return JSONResponse({"bridges": [bridge.state() for bridge in self.pool.bridges]})
 
     async def call_tool(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if name not in self.pool.tools():
-            return _problem(404, f"Unknown tool {name!r}; GET /v1/tools lists the tools available now.")
         raw = await request.body()
         try:
             arguments = json.loads(raw) if raw.strip() else {}
+        except RecursionError:
+            return _problem(400, "The body is nested too deeply to be read.")
         except ValueError:
-            return _problem(400, "The body must be a JSON object of tool arguments, e.g. {\"prompt\": \"Hello\"}.")
+            return _problem(400, _BODY)
         if not isinstance(arguments, dict):
-            return _problem(400, "The body must be a JSON object of tool arguments, e.g. {\"prompt\": \"Hello\"}.")
+            return _problem(400, _BODY)
+        try:
+            self.caller.check(name, arguments)
+        except InvalidInput as exc:
+            return _problem(400, str(exc))
+        except UnknownTool:
+            return _problem(404, f"Unknown tool {name!r}; GET /v1/tools lists the tools available now.")
         if "text/event-stream" in request.headers.get("accept", ""):
+            entry = self.pool.union()[name]
+            if not entry.available:  # a status the client can act on, before the stream starts
+                return _problem(503, entry.unavailable_reason(), {"Retry-After": str(self.pool.retry_after(entry))})
             return self._stream(name, arguments)
-
-        result = await self.caller.call(name, arguments, no_progress)
+        try:
+            result = await self.caller.call(name, arguments, None)
+        except Unavailable as exc:
+            return _problem(503, str(exc), {"Retry-After": str(exc.retry_after)})
+        except GatewayBusy as exc:
+            return _problem(503, str(exc), {"Retry-After": "1"})
+        except CallRejected as exc:
+            return _problem(502, f"The bridge refused the call: {exc}")
         return JSONResponse(_dump(result))
 
     def _stream(self, name: str, arguments: dict[str, Any]) -> Response:
@@ -81,7 +106,10 @@ class RestApi:
 
         async def run() -> None:
             async with send:
-                result: types.CallToolResult = await self.caller.call(name, arguments, progress)
+                try:
+                    result = await self.caller.call(name, arguments, progress)
+                except (Unavailable, GatewayBusy, CallRejected) as exc:
+                    result = types.CallToolResult(content=[types.TextContent(type="text", text=str(exc))], is_error=True)
                 await send.send(ServerSentEvent(json.dumps(_dump(result)), event="result"))
 
         async def events() -> AsyncIterator[ServerSentEvent]:

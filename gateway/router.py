@@ -1,64 +1,153 @@
-"""Where a tool call goes: a healthy bridge that has the tool, round-robin, retried once.
+"""Where a tool call goes, and what happens when that bridge fails.
 
-A retry is only safe before anything was relayed to the caller: progress numbering would
-restart on another bridge and the caller would see text twice.
+The choice: among healthy bridges with the tool, those that have its model loaded, the one with
+the fewest calls in flight per parallel slot (ties in turn). A bridge that would have to load the
+model (LM Studio's just-in-time loading takes seconds to minutes, and may evict another model) is
+chosen only when none has it loaded, or when all that have it carry `spill_ratio` calls per slot.
+With `affinity`, a conversation (same leading messages) stays on one bridge while it has a free
+slot, so LM Studio can reuse its prompt cache. `routing = "round-robin"` ignores all of this.
+
+The retry rule is judged by what the caller has received: a call that has relayed nothing to its
+caller is retried once on another bridge when its bridge proved to be down; once progress reached
+the caller, a retry would repeat text it already has, so the call ends with a clear error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mcp_types as types
 from loguru import logger
-from mcp.shared.exceptions import MCPError
 
-from gateway.pool import BridgeConnection, BridgePool, BridgeUnavailable
+from gateway.metrics import Metrics
+from gateway.pool import Bridge, BridgePool
+from gateway.settings import GatewaySettings
+from gateway.upstream import BridgeDown, Progress
 
-Progress = Callable[[float, float | None, str | None], Awaitable[None]]
-
-
-async def no_progress(_value: float, _total: float | None, _message: str | None) -> None:
-    """For callers that want only the result."""
+_AFFINITY_ENTRIES = 10_000
 
 
-class NoBridge(Exception):
-    """No healthy bridge offers the tool."""
+class Unavailable(Exception):
+    """No bridge can take the call now; the message names them and why."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-class CallFailed(Exception):
-    """Every bridge tried failed, or the one streaming the answer died."""
+class StreamBroken(Exception):
+    """The bridge died after progress had reached the caller."""
 
 
-async def route_call(
-    pool: BridgePool, name: str, arguments: dict[str, Any] | None, progress: Progress, meta: dict[str, Any] | None
-) -> tuple[types.CallToolResult, BridgeConnection]:
-    candidates = pool.candidates(name)
-    if not candidates:
-        raise NoBridge(f"No healthy bridge offers the tool {name!r} right now; GET /v1/bridges shows why.")
-    failures: list[str] = []
-    for bridge in candidates[:2]:
-        relayed = False
+class Router:
+    def __init__(self, pool: BridgePool, settings: GatewaySettings, metrics: Metrics) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.metrics = metrics
+        self._turn: dict[str, int] = {}
+        self._affinity: OrderedDict[str, Bridge] = OrderedDict()
 
-        async def relay(value: float, total: float | None, message: str | None) -> None:
-            nonlocal relayed
-            relayed = True
-            await progress(value, total, message)
+    def candidates(self, tool: str, arguments: dict[str, Any] | None) -> list[Bridge]:
+        """Healthy bridges with the tool, best first."""
+        having = [b for b in self.pool.bridges if b.healthy and tool in b.tools]
+        if not having:
+            return []
+        turn = self._turn.get(tool, 0)
+        self._turn[tool] = turn + 1
+        count = len(having)
+        rotation = {id(b): (i - turn) % count for i, b in enumerate(having)}
+        if self.settings.routing == "round-robin":
+            return sorted(having, key=lambda b: rotation[id(b)])
 
+        def score(b: Bridge) -> tuple[float, int]:
+            return b.saturation(tool), rotation[id(b)]
+
+        loaded = sorted((b for b in having if b.is_loaded(tool)), key=score)
+        cold = sorted((b for b in having if not b.is_loaded(tool)), key=score)
+        if not loaded or (cold and loaded[0].saturation(tool) >= self.settings.spill_ratio):
+            ordered = cold + loaded
+        else:
+            ordered = loaded + cold
+        if self.settings.affinity and (key := _conversation(arguments)):
+            sticky = self._affinity.get(key)
+            if sticky in ordered and sticky.is_loaded(tool) and sticky.saturation(tool) < 1:
+                ordered.remove(sticky)
+                ordered.insert(0, sticky)
+            self._remember(key, ordered[0])
+        return ordered
+
+    def _remember(self, key: str, bridge: Bridge) -> None:
+        self._affinity[key] = bridge
+        self._affinity.move_to_end(key)
+        while len(self._affinity) > _AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
+
+    @contextmanager
+    def counted(self, bridge: Bridge, tool: str) -> Iterator[None]:
+        """One call on `bridge`, counted in its in-flight load and the routing metrics."""
+        cold = not bridge.is_loaded(tool)
+        model = bridge.started(tool)
+        self.metrics.call_routed(bridge.name, model, jit_load=cold)
+        logger.debug(
+            "{} -> {}: {} calls in flight on {} slots, {}", tool, bridge.name, bridge.load(tool) - 1,
+            bridge.slots(tool), "would load the model" if cold else "model loaded",
+        )
         try:
-            return await bridge.call(name, arguments, relay, meta), bridge
-        except BridgeUnavailable as exc:
-            cause = exc.__cause__
-            if isinstance(cause, MCPError) and cause.error.code == types.INVALID_PARAMS:
-                # The bridge no longer has the tool (its model left): our list was stale, not the bridge.
-                bridge.refresh_tools_soon()
-            else:
-                bridge.eject(str(exc))
-            failures.append(str(exc))
-            if relayed:
-                raise CallFailed(
-                    f"{exc}. The answer had already started streaming, so it was not retried; call the tool again."
-                ) from exc
-            logger.warning("call to {} on {} failed before streaming; {}", name, bridge.name,
-                           "retrying on another bridge" if len(candidates) > 1 else "no other bridge has it")
-    raise CallFailed("; ".join(failures))
+            yield
+        finally:
+            bridge.finished(model)
+            self.metrics.call_done(bridge.name, model)
+
+    async def call(
+        self, name: str, arguments: dict[str, Any] | None, progress: Progress | None, meta: dict[str, Any]
+    ) -> tuple[types.CallToolResult, Bridge]:
+        """Run the call on the best bridge; `progress=None` means the caller sees nothing until the result."""
+        candidates = self.candidates(name, arguments)
+        if not candidates:
+            raise self.unavailable(name)
+        failures: list[str] = []
+        for bridge in candidates[:2]:
+            relayed = False
+
+            async def relay(value: float, total: float | None, message: str | None) -> None:
+                nonlocal relayed
+                relayed = True
+                assert progress is not None
+                await progress(value, total, message)
+
+            try:
+                with self.counted(bridge, name):
+                    result = await bridge.client.call_tool(name, arguments, relay if progress else None, meta)
+                return result, bridge
+            except BridgeDown as exc:
+                await bridge.eject(str(exc))
+                failures.append(str(exc))
+                if relayed:
+                    raise StreamBroken(
+                        f"{exc}. The answer had already started streaming, so it was not retried; call the tool again."
+                    ) from exc
+                logger.warning("call to {} on {} failed before reaching its caller; {}", name, bridge.name,
+                               "retrying on another bridge" if len(candidates) > 1 else "no other bridge has it")
+        raise Unavailable("; ".join(failures), retry_after=1)
+
+    def unavailable(self, name: str) -> Unavailable:
+        entry = self.pool.union().get(name)
+        if entry is None:
+            return Unavailable(f"No bridge offers {name} now.", retry_after=1)
+        return Unavailable(entry.unavailable_reason(), self.pool.retry_after(entry))
+
+
+def _conversation(arguments: dict[str, Any] | None) -> str | None:
+    """A key for the conversation a chat call continues: a hash of its leading messages."""
+    # The system prompt and the first message stay the same as a conversation grows.
+    args = arguments or {}
+    messages = args.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    lead = json.dumps([args.get("system"), messages[0]], sort_keys=True, default=str)
+    return hashlib.sha256(lead.encode()).hexdigest()[:32]

@@ -1,7 +1,8 @@
-"""The gateway's MCP server: the union of the bridges' tools, each call relayed to one of them.
+"""The gateway's MCP server: the union of the bridges' tools, each call sent on to one of them.
 
-The SDK is the server towards clients and the client towards bridges; nothing here speaks
-JSON-RPC by hand.
+The SDK is the server towards clients, in both eras. Towards the bridges each call is its own
+stateless request (`upstream.py`), chosen by the router; 2026-07-28 `tools/call` requests skip
+this server altogether (`fastpath.py`).
 """
 
 from __future__ import annotations
@@ -16,46 +17,87 @@ from mcp.server import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
 from gateway import __version__
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, ToolOutcome
 from gateway.pool import BridgePool
 from gateway.request_id import current_request_id
-from gateway.router import CallFailed, NoBridge, Progress, route_call
+from gateway.router import Router, StreamBroken, Unavailable
 from gateway.settings import GatewaySettings
+from gateway.upstream import CallFailed, CallRejected, GatewayBusy, Progress
+from mcp_server.jsonsafe import unsendable
 from mcp_server.notify import ChangeNotifier, ListChangedServer
 from mcp_server.server import REQUEST_ID_META
 
 
-class ToolCaller:
-    """A tool call through the gateway, shared by the MCP endpoint and the REST one."""
+class InvalidInput(Exception):
+    """The caller's input cannot be sent on (see `mcp_server.jsonsafe`)."""
 
-    def __init__(self, pool: BridgePool, metrics: Metrics, settings: GatewaySettings) -> None:
+
+class UnknownTool(Exception):
+    """No bridge has offered this tool within the grace period."""
+
+
+class ToolCaller:
+    """A tool call through the gateway, shared by the MCP endpoint and the REST one.
+
+    Raises `InvalidInput`, `UnknownTool`, `Unavailable`, `GatewayBusy` and `CallRejected` for the
+    edge to map to its own statuses; every other failure is an `is_error` result saying what happened.
+    """
+
+    def __init__(self, pool: BridgePool, router: Router, metrics: Metrics, settings: GatewaySettings) -> None:
         self.pool = pool
+        self.router = router
         self.metrics = metrics
         self.settings = settings
 
-    async def call(self, name: str, arguments: dict[str, Any] | None, progress: Progress) -> types.CallToolResult:
-        """Run the call; failures of the bridges come back as `is_error` results saying what happened."""
+    def check(self, name: str, arguments: Any) -> None:
+        """Refuse what no bridge could take: unsendable input, unknown tools."""
+        if arguments is not None and not isinstance(arguments, dict):
+            raise InvalidInput("Tool arguments must be a JSON object.")
+        if problem := unsendable(arguments):
+            raise InvalidInput(f"Invalid arguments for {name}: {problem}.")
+        if name not in self.pool.union():
+            raise UnknownTool(f"Unknown tool {name!r}: no bridge offers it. List the tools again.")
+
+    async def call(self, name: str, arguments: dict[str, Any] | None, progress: Progress | None) -> types.CallToolResult:
+        """`progress=None`: the caller receives nothing until the result (so a retry is always safe)."""
+        self.check(name, arguments)
         started = time.monotonic()
         bridge_name, outcome = "none", "error"
         request_id = current_request_id()
-        meta = {REQUEST_ID_META: request_id} if request_id else None
+        meta = {REQUEST_ID_META: request_id} if request_id else {}
         try:
             with anyio.fail_after(self.settings.call_timeout):
-                result, bridge = await route_call(self.pool, name, arguments, progress, meta)
+                result, bridge = await self.router.call(name, arguments, progress, meta)
             bridge_name = bridge.name
             outcome = "error" if result.is_error else "ok"
             return result
         except TimeoutError:
             return _error(f"The call to {name} took longer than {self.settings.call_timeout:g} s (LLM_HUB_CALL_TIMEOUT).")
-        except (NoBridge, CallFailed) as exc:
+        except (StreamBroken, CallFailed) as exc:
+            if isinstance(exc, CallRejected):
+                if exc.error.code == types.INVALID_PARAMS:
+                    self._refresh_tools(name)
+                raise
             return _error(str(exc))
+        except (Unavailable, GatewayBusy):
+            outcome = "rejected"
+            raise
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"
             raise
         finally:
-            seconds = time.monotonic() - started
-            self.metrics.observe_tool_call(name, bridge_name, outcome, seconds)
-            logger.info("tool {} via {}: {} in {:.2f} s", name, bridge_name, outcome, seconds)
+            self.observe(name, bridge_name, outcome, started)
+
+    def observe(self, name: str, bridge: str, outcome: ToolOutcome, started: float) -> None:
+        seconds = time.monotonic() - started
+        self.metrics.observe_tool_call(name, bridge, outcome, seconds)
+        logger.info("tool {} via {}: {} in {:.2f} s", name, bridge, outcome, seconds)
+
+    def _refresh_tools(self, name: str) -> None:
+        # A bridge no longer has the tool (its model left): our list was stale, not the bridge.
+        for bridge in self.pool.bridges:
+            if name in bridge.tools:
+                bridge.refresh_tools_soon()
 
 
 def _error(message: str) -> types.CallToolResult:
@@ -66,7 +108,7 @@ class GatewayServer:
     def __init__(self, pool: BridgePool, caller: ToolCaller) -> None:
         self.pool = pool
         self.caller = caller
-        self.notifier = ChangeNotifier()
+        self.notifier = ChangeNotifier(resources=False)
         self.server = ListChangedServer(
             "llm-hub-gateway",
             version=__version__,
@@ -79,17 +121,24 @@ class GatewayServer:
         self.notifier.attach(self.server)
 
     def _input_schema(self, name: str) -> dict[str, Any] | None:
-        tool = self.pool.tools().get(name)
-        return tool.input_schema if tool else None
+        entry = self.pool.union().get(name)
+        return entry.tool.input_schema if entry else None
 
     async def _list_tools(self, _ctx: ServerRequestContext[Any], _params: Any) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=list(self.pool.tools().values()))
+        return types.ListToolsResult(tools=self.pool.tools())
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
-        if params.name not in self.pool.tools():
-            raise MCPError(types.INVALID_PARAMS, f"Unknown tool {params.name!r}: no healthy bridge offers it.")
+        progress: Progress | None = None
+        if (ctx.meta or {}).get("progress_token") is not None:
 
-        async def progress(value: float, total: float | None, message: str | None) -> None:
-            await ctx.session.report_progress(value, total, message)
+            async def progress(value: float, total: float | None, message: str | None) -> None:
+                await ctx.session.report_progress(value, total, message)
 
-        return await self.caller.call(params.name, params.arguments, progress)
+        try:
+            return await self.caller.call(params.name, params.arguments, progress)
+        except (InvalidInput, UnknownTool) as exc:
+            raise MCPError(types.INVALID_PARAMS, str(exc)) from None
+        except CallRejected as exc:
+            raise MCPError(exc.error.code, exc.error.message) from None
+        except (Unavailable, GatewayBusy) as exc:
+            return _error(str(exc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,17 @@ class GatewaySettings(BaseSettings):
     health_interval: float = Field(30.0, gt=0, description="Seconds between bridge health checks.")
     health_timeout: float = Field(5.0, gt=0, description="Seconds a bridge health check may take.")
     call_timeout: float = Field(600.0, gt=0, description="Seconds a tool call through the gateway may take.")
+    routing: Literal["loaded", "round-robin"] = Field(
+        "loaded", description="`loaded`: to a bridge that has the model loaded, fewest calls per slot; or `round-robin`."
+    )
+    spill_ratio: float = Field(
+        2.0, gt=0, description="Calls in flight per slot on every bridge with the model loaded before one that must "
+        "load it is chosen.",
+    )
+    affinity: bool = Field(False, description="Keep a conversation (same leading messages) on one bridge.")
+    grace_period: float = Field(
+        300.0, ge=0, description="Seconds a bridge that is down keeps its tools listed (marked unavailable)."
+    )
     max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body accepted (413 above).")
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "json"

@@ -20,8 +20,12 @@ _NOTIFY_TIMEOUT = 5.0
 
 
 class ChangeNotifier:
-    def __init__(self) -> None:
+    """`resources`: whether the server has resources, whose list changes with the tools (the
+    bridge's model catalog); a server must not send notifications for capabilities it lacks."""
+
+    def __init__(self, *, resources: bool = True) -> None:
         self.bus = InMemorySubscriptionBus()
+        self.resources = resources
         self._sessions: dict[int, ServerSession] = {}
 
     def attach(self, server: Server[Any]) -> None:
@@ -44,7 +48,8 @@ class ChangeNotifier:
 
     async def tools_changed(self) -> None:
         await self.bus.publish(ToolsListChanged())
-        await self.bus.publish(ResourcesListChanged())
+        if self.resources:
+            await self.bus.publish(ResourcesListChanged())
         async with anyio.create_task_group() as tg:
             for key, session in list(self._sessions.items()):
                 tg.start_soon(self._notify, key, session)
@@ -54,7 +59,8 @@ class ChangeNotifier:
             with anyio.fail_after(_NOTIFY_TIMEOUT):
                 await session.send_ping()  # the cheapest way to learn the peer is gone
                 await session.send_tool_list_changed()
-                await session.send_resource_list_changed()
+                if self.resources:
+                    await session.send_resource_list_changed()
         except Exception:
             self._sessions.pop(key, None)
 

@@ -61,8 +61,10 @@ class Topology:
 
 @asynccontextmanager
 async def topology(tmp_path: Path, gateway_env: dict[str, str] | None = None,
-                   bridge_env: dict[str, str] | None = None) -> AsyncIterator[Topology]:
-    fakes = {
+                   bridge_env: dict[str, str] | None = None, fakes: dict[str, FakeLMStudio] | None = None,
+                   tools: set[str] | None = None) -> AsyncIterator[Topology]:
+    """A gateway in front of one bridge per fake (by default "a" and "b"), ready once `tools` are listed."""
+    fakes = fakes or {
         "a": FakeLMStudio([FakeModel("shared/model"), FakeModel("alpha/only")]),
         "b": FakeLMStudio([FakeModel("shared/model"), FakeModel("beta/only")]),
     }
@@ -83,13 +85,14 @@ async def topology(tmp_path: Path, gateway_env: dict[str, str] | None = None,
                             tmp_path / "gateway.log", **env)
         )
         top = Topology(fakes, urls, ports, bridges, f"http://127.0.0.1:{gateway_port}", tmp_path, stack, bridge_env)
-        await wait_for_tools(top, {SHARED, ALPHA, BETA})
+        await wait_for_tools(top, {SHARED, ALPHA, BETA} if tools is None else tools)
         yield top
 
 
 async def rest_tools(top: Topology) -> set[str]:
+    """The tools some healthy bridge can serve now."""
     async with httpx2.AsyncClient(headers=AUTH) as http:
-        return {t["name"] for t in (await http.get(f"{top.gateway}/v1/tools")).json()["tools"]}
+        return {t["name"] for t in (await http.get(f"{top.gateway}/v1/tools")).json()["tools"] if t["available"]}
 
 
 async def wait_for_tools(top: Topology, wanted: set[str], absent: set[str] = frozenset(), timeout: float = 20) -> None:
@@ -187,12 +190,26 @@ async def test_list_changed_reaches_gateway_clients(tmp_path: Path, mode: str) -
 async def test_killed_bridge_is_ejected_and_readmitted(tmp_path: Path) -> None:
     async with topology(tmp_path) as top, gateway_client(top, "legacy") as client:
         await top.kill("a")
-        await wait_for_tools(top, {SHARED, BETA}, absent={ALPHA})
         async with httpx2.AsyncClient(headers=AUTH) as http:
+            with anyio.fail_after(20):  # its tools stay listed, marked unavailable, for the grace period
+                while True:
+                    tools = {t["name"]: t for t in (await http.get(f"{top.gateway}/v1/tools")).json()["tools"]}
+                    if tools[ALPHA]["available"] is False:
+                        break
+                    await anyio.sleep(0.1)
+            assert tools[SHARED]["available"] and tools[BETA]["available"]
+            assert "not reachable" in tools[ALPHA]["unavailable_reason"]
             states = {b["url"]: b for b in (await http.get(f"{top.gateway}/v1/bridges")).json()["bridges"]}
             assert states[top.bridge_url("a")]["healthy"] is False and states[top.bridge_url("a")]["last_error"]
             assert states[top.bridge_url("b")]["healthy"] is True
             assert (await http.get(f"{top.gateway}/health")).status_code == 200
+            refused = await http.post(f"{top.gateway}/v1/tools/{ALPHA}", json={"prompt": "hi"})
+            assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+            assert top.bridge_url("a").split("://")[1] in refused.json()["error"]
+        unavailable = await client.call_tool(ALPHA, {"prompt": "hi"})
+        assert unavailable.is_error and "No bridge can take" in _text(unavailable)
+        listed = {t.name: t for t in (await client.list_tools()).tools}
+        assert (listed[ALPHA].meta or {}).get("llm-hub/available") is False
         before = top.served_by("b")
         for _ in range(3):
             assert not (await client.call_tool(SHARED, {"prompt": "hi"})).is_error

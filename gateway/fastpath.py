@@ -1,0 +1,291 @@
+"""2026-07-28 `tools/call` relayed straight to a bridge, without being served again here.
+
+Such a request is self-contained (no session: its protocol version and capabilities travel in
+`_meta`), and the spec has the server check its `Mcp-Method`/`Mcp-Name` headers against the body,
+so an intermediary may route on them. The gateway still reads the body once, to refuse input no
+bridge could take and to make sure the header names the tool the body calls; then the bytes go to
+the chosen bridge unchanged (the client's key replaced by the bridge token, `Mcp-Param-*` passed
+on) and the bridge's SSE comes back as it arrives. A client that closes its stream closes the
+bridge's. Anything else (older versions, other methods, anything odd) is left to the SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types as types
+from loguru import logger
+from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
+    MCP_METHOD_HEADER,
+    MCP_NAME_HEADER,
+    MCP_PARAM_HEADER_PREFIX,
+    MCP_PROTOCOL_VERSION_HEADER,
+    decode_header_value,
+)
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import __version__
+from gateway.metrics import ToolOutcome
+from gateway.pool import Bridge
+from gateway.request_id import HEADER as REQUEST_ID_HEADER
+from gateway.request_id import current_request_id
+from gateway.router import Router
+from gateway.server import InvalidInput, ToolCaller, UnknownTool
+from gateway.upstream import BridgeDown, GatewayBusy
+
+_FORWARDED = {"content-type", "accept", MCP_PROTOCOL_VERSION_HEADER, MCP_METHOD_HEADER, MCP_NAME_HEADER}
+_SERVER_INFO = {"io.modelcontextprotocol/serverInfo": {"name": "llm-hub-gateway", "version": __version__}}
+
+
+class FastPath:
+    """ASGI wrapper around the gateway's MCP app; takes the 2026-era `tools/call` requests."""
+
+    def __init__(self, app: ASGIApp, caller: ToolCaller, router: Router) -> None:
+        self.app = app
+        self.caller = caller
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.applies(scope):
+            await self.app(scope, receive, send)
+            return
+        body, receive = await _read_body(receive)
+        try:
+            request = _parse(body, scope)
+        except InvalidInput as exc:
+            await _answer(send, _rpc_error(None, types.INVALID_PARAMS, str(exc)))
+            return
+        if request is None:  # not ours to judge: the SDK answers with the precise error
+            await self.app(scope, receive, send)
+            return
+        ident, name, arguments = request
+        try:
+            self.caller.check(name, arguments)
+        except (InvalidInput, UnknownTool) as exc:
+            await _answer(send, _rpc_error(ident, types.INVALID_PARAMS, str(exc)))
+            return
+        await self.relay(scope, receive, send, body, ident, name, arguments)
+
+    def applies(self, scope: Scope) -> bool:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/mcp":
+            return False
+        method = version = None
+        for key, value in scope["headers"]:
+            if key == MCP_METHOD_HEADER.encode():
+                method = value
+            elif key == MCP_PROTOCOL_VERSION_HEADER.encode():
+                version = value
+        # Headers are only trustworthy for routing under a version whose servers must check them.
+        return method == b"tools/call" and version is not None and version.decode("latin-1") in MODERN_PROTOCOL_VERSIONS
+
+    async def relay(
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, ident: types.RequestId, name: str,
+        arguments: dict[str, Any] | None,
+    ) -> None:
+        started = time.monotonic()
+        deadline = started + self.caller.settings.call_timeout
+        headers = _forwarded_headers(scope)
+        outcome: ToolOutcome = "rejected"
+        bridge_name = "none"
+        failures: list[str] = []
+        try:
+            for bridge in self.router.candidates(name, arguments)[:2]:
+                bridge_name = bridge.name
+                try:
+                    with self.router.counted(bridge, name):
+                        outcome = await self._stream(bridge, body, headers, ident, receive, send, deadline)
+                    return
+                except BridgeDown as exc:
+                    await bridge.eject(str(exc))
+                    failures.append(str(exc))
+                    logger.warning("call to {} on {} failed before reaching its caller", name, bridge.name)
+            reason = "; ".join(failures) if failures else str(self.router.unavailable(name))
+            await _answer(send, _rpc_result(ident, reason, is_error=True))
+        except GatewayBusy as exc:
+            await _answer(send, _rpc_error(ident, types.INTERNAL_ERROR, str(exc)), status=503)
+        except anyio.get_cancelled_exc_class():
+            outcome = "cancelled"
+            raise
+        finally:
+            self.caller.observe(name, bridge_name, outcome, started)
+
+    async def _stream(
+        self, bridge: Bridge, body: bytes, headers: dict[str, str], ident: types.RequestId, receive: Receive,
+        send: Send, deadline: float,
+    ) -> ToolOutcome:
+        """Relay one bridge's answer; returns the outcome. Raises BridgeDown only before anything was sent."""
+        async with bridge.client.post(body, headers) as response:
+            chunks = response.aiter_raw()
+            with anyio.move_on_after(deadline - time.monotonic()) as waiting:
+                first = await _first_chunk(chunks, bridge)
+            if waiting.cancelled_caught:
+                await _answer(send, _rpc_result(ident, _too_long(self.caller.settings.call_timeout), is_error=True))
+                return "error"
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": _response_headers(response)})
+            tail = _LastEvent()
+            ending: str | None = None
+            left = False
+
+            async def watch_caller() -> None:
+                nonlocal left
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                left = True
+                tg.cancel_scope.cancel()  # leaving the relay closes the bridge's stream too
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch_caller)
+                with anyio.move_on_after(deadline - time.monotonic()) as streaming:
+                    try:
+                        chunk = first
+                        while chunk is not None:
+                            tail.feed(chunk)
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                            chunk = await anext(chunks, None)
+                    except httpx2.HTTPError as exc:
+                        if isinstance(exc, httpx2.TransportError):
+                            await bridge.eject(f"bridge {bridge.name} closed the connection mid-answer")
+                        ending = f"The answer from bridge {bridge.name} was cut off; call the tool again."
+                if streaming.cancelled_caught:
+                    ending = _too_long(self.caller.settings.call_timeout)
+                # Too late to retry: the caller has part of the answer. A closing result says why, so
+                # the client shows a reason instead of a dropped connection.
+                last = _sse(_rpc_result(ident, ending, is_error=True)) if ending else b""
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+                tg.cancel_scope.cancel()
+        if left:
+            return "cancelled"
+        return "error" if ending else tail.outcome()
+
+
+def _too_long(seconds: float) -> str:
+    return f"The call took longer than {seconds:g} s (LLM_HUB_CALL_TIMEOUT)."
+
+
+async def _first_chunk(chunks: AsyncIterator[bytes], bridge: Bridge) -> bytes | None:
+    try:
+        return await anext(chunks, None)
+    except httpx2.TransportError as exc:
+        raise BridgeDown(f"bridge {bridge.name} closed the connection before answering") from exc
+
+
+class _LastEvent:
+    """Keeps the last complete SSE event, to tell from it whether the call succeeded."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.last = b""
+
+    def feed(self, chunk: bytes) -> None:
+        events = (self.pending + chunk).split(b"\n\n")
+        self.pending = events.pop()
+        complete = [event for event in events if event.strip()]
+        if complete:
+            self.last = complete[-1]
+
+    def outcome(self) -> ToolOutcome:
+        event = self.last or self.pending
+        payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")) or event
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return "error"
+        result = message.get("result") if isinstance(message, dict) else None
+        return "ok" if isinstance(result, dict) and not result.get("isError") else "error"
+
+
+def _parse(body: bytes, scope: Scope) -> tuple[types.RequestId, str, dict[str, Any] | None] | None:
+    """(id, tool, arguments) of a well-formed single `tools/call`, or None to leave it to the SDK."""
+    try:
+        message = json.loads(body)
+    except RecursionError:
+        raise InvalidInput("The request is nested too deeply to be read.") from None
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or message.get("method") != "tools/call":
+        return None
+    ident, params = message.get("id"), message.get("params")
+    if isinstance(ident, bool) or not isinstance(ident, int | str) or not isinstance(params, dict):
+        return None
+    name, arguments = params.get("name"), params.get("arguments")
+    if not isinstance(name, str) or (arguments is not None and not isinstance(arguments, dict)):
+        return None
+    header = next((v for k, v in scope["headers"] if k == MCP_NAME_HEADER.encode()), None)
+    if header is None or decode_header_value(header.decode("latin-1")) != name:
+        return None  # the SDK answers a header that disagrees with the body with -32020
+    return ident, name, arguments
+
+
+def _forwarded_headers(scope: Scope) -> dict[str, str]:
+    headers = {}
+    for key, value in scope["headers"]:
+        name = key.decode("latin-1")
+        if name in _FORWARDED or name.startswith(MCP_PARAM_HEADER_PREFIX.lower()):
+            headers[name] = value.decode("latin-1")
+    if request_id := current_request_id():
+        headers[REQUEST_ID_HEADER] = request_id
+    return headers
+
+
+def _response_headers(response: httpx2.Response) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", response.headers.get("content-type", "application/json").encode("latin-1"))]
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        headers += [(b"cache-control", b"no-cache, no-transform"), (b"x-accel-buffering", b"no")]
+    return headers
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
+    """The whole body (its size is capped by the body-limit middleware), and a receive that replays it."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def _rpc_error(ident: types.RequestId | None, code: int, message: str) -> types.JSONRPCError:
+    return types.JSONRPCError(jsonrpc="2.0", id=ident, error=types.ErrorData(code=code, message=message))
+
+
+def _rpc_result(ident: types.RequestId, text: str, *, is_error: bool) -> types.JSONRPCResponse:
+    result = types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=is_error)
+    dumped = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+    return types.JSONRPCResponse(jsonrpc="2.0", id=ident, result={**dumped, "_meta": _SERVER_INFO})
+
+
+def _sse(message: types.JSONRPCResponse | types.JSONRPCError) -> bytes:
+    return b"event: message\ndata: " + message.model_dump_json(by_alias=True, exclude_none=True).encode() + b"\n\n"
+
+
+async def _answer(send: Send, message: types.JSONRPCResponse | types.JSONRPCError, status: int | None = None) -> None:
+    if status is None:
+        status = ERROR_CODE_HTTP_STATUS.get(message.error.code, 200) if isinstance(message, types.JSONRPCError) else 200
+    payload = message.model_dump(by_alias=True, mode="json", exclude_none=True)
+    payload.setdefault("id", None)  # JSON-RPC: an id that could not be read is null, not absent
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
