@@ -24,7 +24,7 @@ import mcp_types as types
 from loguru import logger
 
 from gateway.settings import GatewaySettings
-from gateway.upstream import BridgeClient, UpstreamError
+from gateway.upstream import BridgeClient, GatewayBusy, UpstreamError
 
 ChangeListener = Callable[[], Awaitable[None]]
 _FIRST_RETRY = 0.25
@@ -85,6 +85,7 @@ class Bridge:
         self._catalog_version: object = None
         self._wake = anyio.Event()
         self._tools_stale = True
+        self._listening: anyio.CancelScope | None = None
 
     # -- what routing reads ----------------------------------------------------------------
 
@@ -209,6 +210,10 @@ class Bridge:
         self.last_check = datetime.now(UTC)
         try:
             response = await self.client.health(self.settings.health_timeout)
+        except GatewayBusy as exc:
+            # Our shortage says nothing about the bridge: keep its state until a check can be made.
+            logger.warning("bridge {}: health check skipped: {}", self.name, exc)
+            return self.healthy
         except UpstreamError as exc:
             return await self._failed_check(f"health check failed: {exc}")
         self.latency_ms = round((time.monotonic() - started) * 1000, 2)
@@ -226,6 +231,8 @@ class Bridge:
         if self._tools_stale or version != self._catalog_version or not self.known:
             try:
                 await self._load_tools()
+            except GatewayBusy:
+                return self.healthy
             except UpstreamError as exc:
                 return await self._failed_check(f"tool list failed: {exc}")
             self._catalog_version = version
@@ -233,6 +240,8 @@ class Bridge:
         return True
 
     async def _failed_check(self, reason: str) -> bool:
+        if self._listening is not None:
+            self._listening.cancel()  # a stream to a bridge that went away may hang rather than end
         if self.healthy or self.last_error != reason:
             logger.warning("bridge {}: {}", self.name, reason)
         self.last_error = reason
@@ -271,13 +280,14 @@ class Bridge:
     async def _listen(self) -> None:
         """Hold a `subscriptions/listen` stream; each change wakes the owner loop to re-read."""
         while True:
-            try:
-                async with self.client.listen() as notifications:
-                    async for message in notifications:
-                        if message.method == "notifications/tools/list_changed":
-                            self.refresh_tools_soon()
-            except UpstreamError as exc:
-                logger.debug("bridge {}: change stream ended: {}", self.name, exc)
+            with anyio.CancelScope() as self._listening:
+                try:
+                    async with self.client.listen() as notifications:
+                        async for message in notifications:
+                            if message.method == "notifications/tools/list_changed":
+                                self.refresh_tools_soon()
+                except UpstreamError as exc:
+                    logger.debug("bridge {}: change stream ended: {}", self.name, exc)
             await anyio.sleep(_LISTEN_RETRY)
 
 
@@ -289,6 +299,7 @@ class BridgePool:
         self._on_change = on_change
         self.bridges = [Bridge(url, settings, self._changed) for url in settings.bridges]
         self._signature: object = None
+        self._union: dict[str, ToolEntry] = {}
 
     async def run(self) -> None:
         try:
@@ -301,9 +312,10 @@ class BridgePool:
                     await bridge.client.aclose()
 
     async def _changed(self) -> None:
+        self._union = self._build_union()
         # Clients hear about changes of what they see (names, definitions, availability),
         # not every bridge flapping behind a tool another bridge still serves.
-        signature = [(entry.tool, entry.available) for entry in self.union().values()]
+        signature = [(entry.tool, entry.available) for entry in self._union.values()]
         if signature != self._signature:
             self._signature = signature
             await self._on_change()
@@ -313,6 +325,10 @@ class BridgePool:
         return [b for b in self.bridges if b.healthy]
 
     def union(self) -> dict[str, ToolEntry]:
+        """Every tool a bridge within its grace period has, by name (rebuilt on each change)."""
+        return self._union
+
+    def _build_union(self) -> dict[str, ToolEntry]:
         entries: dict[str, ToolEntry] = {}
         for bridge in self.bridges:
             if not bridge.in_grace():
