@@ -122,6 +122,10 @@ class FastPath:
     ) -> ToolOutcome:
         """Relay one bridge's answer; returns the outcome. Raises BridgeDown only before anything was sent."""
         async with bridge.client.post(body, headers) as response:
+            if response.status_code == 401:  # relayed as is, the caller would think its own key was wrong
+                message = f"Bridge {bridge.name} refused the gateway's token (LLM_HUB_BRIDGE_TOKEN must match the bridge's)."
+                await _answer(send, _rpc_result(ident, message, is_error=True))
+                return "error"
             chunks = response.aiter_raw()
             with anyio.move_on_after(deadline - time.monotonic()) as waiting:
                 first = await _first_chunk(chunks, bridge)

@@ -142,3 +142,7 @@ class GatewayServer:
             raise MCPError(exc.error.code, exc.error.message) from None
         except (Unavailable, GatewayBusy) as exc:
             return _error(str(exc))
+        except Exception:  # noqa: BLE001
+            # A bug of ours: the log gets the traceback, the caller a line it can quote.
+            logger.exception("tool {} failed inside the gateway", params.name)
+            return _error(f"The gateway failed on this call (request id {current_request_id()}); its log has why.")
