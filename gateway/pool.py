@@ -223,7 +223,7 @@ class Bridge:
             body = {}
         if not isinstance(body, dict):
             body = {}
-        self._read_serving(body.get("serving"))
+        self.read_serving(body.get("serving"))
         if response.status_code != 200:
             detail = (body.get("lmstudio") or {}).get("last_error") if isinstance(body.get("lmstudio"), dict) else None
             return await self._failed_check(f"health check answered {response.status_code}" + (f": {detail}" if detail else ""))
@@ -248,7 +248,8 @@ class Bridge:
         await self._set_healthy(False)
         return False
 
-    def _read_serving(self, serving: Any) -> None:
+    def read_serving(self, serving: Any) -> None:
+        """Take in the `serving` list of the bridge's `/health`: per model, loaded, slots, calls in flight."""
         if not isinstance(serving, list):
             return
         models: dict[str, ModelLoad] = {}

@@ -59,23 +59,18 @@ class Router:
             return []
         turn = self._turn.get(tool, 0)
         self._turn[tool] = turn + 1
-        count = len(having)
-        rotation = {id(b): (i - turn) % count for i, b in enumerate(having)}
         if self.settings.routing == "round-robin":
-            return sorted(having, key=lambda b: rotation[id(b)])
-
-        def score(b: Bridge) -> tuple[float, int]:
-            return b.saturation(tool), rotation[id(b)]
-
-        loaded = sorted((b for b in having if b.is_loaded(tool)), key=score)
-        cold = sorted((b for b in having if not b.is_loaded(tool)), key=score)
+            start = turn % len(having)
+            return having[start:] + having[:start]
+        loaded = _least_loaded_first([b for b in having if b.is_loaded(tool)], tool, turn)
+        cold = _least_loaded_first([b for b in having if not b.is_loaded(tool)], tool, turn)
         if not loaded or (cold and loaded[0].saturation(tool) >= self.settings.spill_ratio):
             ordered = cold + loaded
         else:
             ordered = loaded + cold
         if self.settings.affinity and (key := _conversation(arguments)):
             sticky = self._affinity.get(key)
-            if sticky in ordered and sticky.is_loaded(tool) and sticky.saturation(tool) < 1:
+            if sticky is not None and sticky in ordered and sticky.is_loaded(tool) and sticky.saturation(tool) < 1:
                 ordered.remove(sticky)
                 ordered.insert(0, sticky)
             self._remember(key, ordered[0])
@@ -140,6 +135,17 @@ class Router:
         if entry is None:
             return Unavailable(f"No bridge offers {name} now.", retry_after=1)
         return Unavailable(entry.unavailable_reason(), self.pool.retry_after(entry))
+
+
+def _least_loaded_first(bridges: list[Bridge], tool: str, turn: int) -> list[Bridge]:
+    """By calls in flight per slot; the bridges tied for least take turns at the front."""
+    ordered = sorted(bridges, key=lambda b: b.saturation(tool))
+    if not ordered:
+        return ordered
+    least = ordered[0].saturation(tool)
+    ties = [b for b in ordered if b.saturation(tool) == least]
+    start = turn % len(ties)
+    return ties[start:] + ties[:start] + ordered[len(ties):]
 
 
 def _conversation(arguments: dict[str, Any] | None) -> str | None:
