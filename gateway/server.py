@@ -62,7 +62,8 @@ class ToolCaller:
         """`progress=None`: the caller receives nothing until the result (so a retry is always safe)."""
         self.check(name, arguments)
         started = time.monotonic()
-        bridge_name, outcome = "none", "error"
+        bridge_name = "none"
+        outcome: ToolOutcome = "error"
         request_id = current_request_id()
         meta = {REQUEST_ID_META: request_id} if request_id else {}
         try:

@@ -119,9 +119,10 @@ class BridgeClient:
 
         Answers of 5xx raise `BridgeDown`, other error answers are the caller's to read.
         """
-        extra = {} if timeout is None else {"timeout": timeout}
         with _mapped(self.name):
-            async with self.http.stream("POST", "/mcp", content=body, headers=headers, **extra) as response:
+            async with self.http.stream(
+                "POST", "/mcp", content=body, headers=headers, timeout=timeout or httpx2.USE_CLIENT_DEFAULT
+            ) as response:
                 if response.status_code >= 500:
                     raise BridgeDown(f"bridge {self.name} answered HTTP {response.status_code}")
                 yield response
