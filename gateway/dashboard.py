@@ -3,7 +3,8 @@
 The page itself is plain HTML, CSS and JavaScript in `gateway/static/` (no build step, nothing
 fetched from elsewhere), open without a key; everything it shows comes from authenticated API
 calls made with the key the user types in. `GET /v1/models` asks each healthy bridge's
-`list_models` tool and merges the answers; `GET /v1/stats` is the metrics' JSON summary.
+`list_models` tool and merges the answers (a bridge that is down but in its grace period adds what
+it last listed, marked unavailable); `GET /v1/stats` is the metrics' JSON summary.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gateway.metrics import Metrics
-from gateway.pool import Bridge, BridgePool
+from gateway.pool import Bridge, BridgePool, ToolEntry
 from gateway.upstream import UpstreamError
 
 STATIC = Path(__file__).with_name("static")
@@ -42,6 +43,7 @@ class Dashboard:
     def __init__(self, pool: BridgePool, metrics: Metrics) -> None:
         self.pool = pool
         self.metrics = metrics
+        self._last_catalog: dict[str, dict[str, Any]] = {}  # by bridge name: its last list_models answer
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -58,7 +60,8 @@ class Dashboard:
         return JSONResponse(self.metrics.snapshot())
 
     async def models(self, _request: Request) -> Response:
-        """Every model of every healthy bridge, merged by id, and each bridge's view of LM Studio."""
+        """Every model of every bridge, merged by id, each bridge's view of LM Studio, and whether
+        each model can be called now."""
         answers: dict[str, dict[str, Any]] = {}
         skipped = [
             {"bridge": bridge.name, "error": bridge.last_error or "not healthy"}
@@ -68,7 +71,7 @@ class Dashboard:
 
         async def ask(bridge: Bridge) -> None:
             try:
-                answers[bridge.name] = await _catalog(bridge)
+                answers[bridge.name] = self._last_catalog[bridge.name] = await _catalog(bridge)
             except (UpstreamError, TimeoutError, ValueError) as exc:
                 skipped.append({"bridge": bridge.name, "error": str(exc) or type(exc).__name__})
 
@@ -80,15 +83,30 @@ class Dashboard:
         lmstudio = []
         for bridge in self.pool.bridges:  # in configuration order, so the answer is stable
             catalog = answers.get(bridge.name)
-            if catalog is None:
-                continue
-            state = catalog.get("lmstudio") or {}
-            lmstudio.append(
-                {"bridge": bridge.name, "reachable": state.get("reachable"), "last_error": state.get("last_error")}
-            )
-            for model in catalog.get("models") or []:
-                _merge(merged, model, bridge.name)
+            if catalog is not None:
+                state = catalog.get("lmstudio") or {}
+                lmstudio.append(
+                    {"bridge": bridge.name, "reachable": state.get("reachable"), "last_error": state.get("last_error")}
+                )
+            for model in (catalog or self._remembered(bridge)).get("models") or []:
+                _merge(merged, model, bridge.name, live=catalog is not None)
+        union = self.pool.union()
+        for entry in merged.values():
+            _mark_availability(entry, union)
         return JSONResponse({"models": list(merged.values()), "lmstudio": lmstudio, "skipped": skipped})
+
+    def _remembered(self, bridge: Bridge) -> dict[str, Any]:
+        """What a bridge that did not answer now last listed, while its tools are still in the union.
+
+        Without an earlier answer, the models its last health check reported (ids and tools only).
+        """
+        if bridge.healthy or not bridge.in_grace():
+            self._last_catalog.pop(bridge.name, None)
+            return {}
+        if bridge.name in self._last_catalog:
+            return self._last_catalog[bridge.name]
+        reported = [{"id": load.model, "tools": load.tools, "loaded": load.loaded} for load in bridge.models.values()]
+        return {"models": reported}
 
 
 async def _catalog(bridge: Bridge) -> dict[str, Any]:
@@ -103,17 +121,26 @@ async def _catalog(bridge: Bridge) -> dict[str, Any]:
     return catalog
 
 
-def _merge(merged: dict[str, dict[str, Any]], model: dict[str, Any], bridge: str) -> None:
-    """One entry per model id; it counts as loaded when any bridge has it loaded."""
+def _mark_availability(entry: dict[str, Any], union: dict[str, ToolEntry]) -> None:
+    """A model is available while one of its tools is: the answer a call to it would get now."""
+    live = entry.pop("live")
+    tools = [union[name] for name in entry["tools"] if name in union]
+    entry["available"] = any(tool.available for tool in tools) if tools else live
+    if not entry["available"]:
+        entry["unavailable_reason"] = tools[0].unavailable_reason() if tools else "The bridges that list it are down."
+
+
+def _merge(merged: dict[str, dict[str, Any]], model: dict[str, Any], bridge: str, *, live: bool) -> None:
+    """One entry per model id; it counts as loaded when a bridge that answered now has it loaded."""
     ident = model.get("id")
     if not isinstance(ident, str):
         return
     entry = merged.get(ident)
     if entry is None:
-        merged[ident] = {**model, "tools": list(model.get("tools") or []), "bridges": [bridge]}
+        merged[ident] = {**model, "tools": list(model.get("tools") or []), "bridges": [bridge], "live": live}
         return
     entry["bridges"].append(bridge)
     entry["tools"] += [tool for tool in model.get("tools") or [] if tool not in entry["tools"]]
-    if model.get("loaded") and not entry.get("loaded"):
-        entry["loaded"] = True
-        entry["context_length"] = model.get("context_length", entry.get("context_length"))
+    if live and (not entry["live"] or (model.get("loaded") and not entry.get("loaded"))):
+        # A live answer outranks one remembered from a bridge that is down.
+        entry.update({key: value for key, value in model.items() if key not in ("tools", "bridges")}, live=True)

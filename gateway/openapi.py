@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from gateway import __version__
+from mcp_server.jsonsafe import MAX_DEPTH
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _UNAUTHORIZED = {"description": "Missing or wrong API key", "content": {"application/json": {"schema": _ERROR}}}
@@ -20,6 +21,9 @@ _LIMITED = {
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_RETRY_AFTER = {"schema": {"type": "integer"}, "description": "Seconds until it is worth trying again"}
 
 
 DOCUMENT: dict[str, Any] = {
@@ -59,18 +63,65 @@ DOCUMENT: dict[str, Any] = {
                 },
                 "required": ["content"],
             },
+            "ListedTool": {
+                "description": (
+                    "A tool of the union and whether it can be called now. A bridge that is down keeps its "
+                    "tools listed for the grace period (LLM_HUB_GRACE_PERIOD), marked unavailable."
+                ),
+                "allOf": [
+                    {"$ref": "#/components/schemas/Tool"},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "available": {"type": "boolean", "description": "true while a healthy bridge has it"},
+                            "bridges": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "Names of the bridges that have it, healthy or not",
+                            },
+                            "unavailable_reason": {
+                                "type": "string",
+                                "description": "Only when not available: the bridges that have it and why none can take it",
+                            },
+                        },
+                        "required": ["available", "bridges"],
+                    },
+                ],
+            },
             "Bridge": {
                 "type": "object",
                 "properties": {
                     "url": {"type": "string"},
+                    "name": {"type": "string", "description": "host:port, as logs, metrics and other answers name it"},
                     "healthy": {"type": "boolean"},
                     "latency_ms": {"type": ["number", "null"]},
-                    "last_check": {"type": ["string", "null"]},
+                    "last_check": {"type": ["string", "null"], "format": "date-time"},
                     "last_error": {"type": ["string", "null"]},
-                    "calls": {"type": "integer"},
+                    "calls": {"type": "integer", "description": "Tool calls this gateway routed to it since start"},
+                    "in_flight": {"type": "integer", "description": "This gateway's calls running on it now"},
                     "tools": {"type": "array", "items": {"type": "string"}},
+                    "models": {
+                        "type": "array",
+                        "items": {"$ref": "#/components/schemas/BridgeModel"},
+                        "description": "Per model, as its last health check reported (empty from a bridge that does not say)",
+                    },
                 },
-                "required": ["url", "healthy", "tools"],
+                "required": ["url", "name", "healthy", "tools", "models"],
+            },
+            "BridgeModel": {
+                "type": "object",
+                "description": "One model on one bridge: what calls are routed by",
+                "properties": {
+                    "model": {"type": "string"},
+                    "tools": {"type": "array", "items": {"type": "string"}},
+                    "loaded": {"type": "boolean", "description": "false: a call would make LM Studio load it first"},
+                    "slots": {"type": "integer", "description": "Predictions it runs at once (LM Studio's parallel)"},
+                    "in_flight": {
+                        "type": "integer",
+                        "description": "Calls running on it now: this gateway's, plus other callers' at the last check",
+                    },
+                },
+                "required": ["model", "tools", "loaded", "slots", "in_flight"],
             },
             "Model": {
                 "type": "object",
@@ -84,9 +135,15 @@ DOCUMENT: dict[str, Any] = {
                     "quantization": {"type": ["string", "null"]},
                     "capabilities": {"type": "array", "items": {"type": "string"}},
                     "tools": {"type": "array", "items": {"type": "string"}},
-                    "bridges": {"type": "array", "items": {"type": "string"}},
+                    "bridges": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "Bridges that list it; one that is down counts during its grace period",
+                    },
+                    "available": {"type": "boolean", "description": "true while one of its tools can be called"},
+                    "unavailable_reason": {"type": "string", "description": "Only when not available: why"},
                 },
-                "required": ["id", "tools", "bridges"],
+                "required": ["id", "tools", "bridges", "available"],
             },
         },
     },
@@ -104,10 +161,13 @@ DOCUMENT: dict[str, Any] = {
         },
         "/v1/tools": {
             "get": {
-                "summary": "The tools of all healthy bridges",
+                "summary": "The union of the bridges' tools, each marked available or not",
                 "responses": {
                     "200": _json(
-                        {"type": "object", "properties": {"tools": {"type": "array", "items": {"$ref": "#/components/schemas/Tool"}}}},
+                        {
+                            "type": "object",
+                            "properties": {"tools": {"type": "array", "items": {"$ref": "#/components/schemas/ListedTool"}}},
+                        },
                         "The union of the bridges' tools",
                     ),
                     "401": _UNAUTHORIZED,
@@ -121,7 +181,8 @@ DOCUMENT: dict[str, Any] = {
                 "description": (
                     "The body is the tool's arguments as a JSON object. With `Accept: text/event-stream` the "
                     "answer streams as `progress` events (`{progress, total, message}`, message = new text) "
-                    "followed by one `result` event holding the CallToolResult."
+                    "followed by one `result` event holding the CallToolResult. A tool that failed (LM Studio "
+                    "down, a bad argument) answers 200 with isError true."
                 ),
                 "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}},
@@ -133,17 +194,31 @@ DOCUMENT: dict[str, Any] = {
                             "text/event-stream": {"schema": {"type": "string"}},
                         },
                     },
-                    "400": _json(_ERROR, "The body is not a JSON object"),
+                    "400": _json(
+                        _ERROR,
+                        "The body is not a JSON object, or holds arguments that cannot be sent on: a lone "
+                        f"surrogate (\\ud800-\\udfff), nesting deeper than {MAX_DEPTH} levels, NaN or Infinity. "
+                        "The message names where.",
+                    ),
                     "401": _UNAUTHORIZED,
-                    "404": _json(_ERROR, "No healthy bridge offers this tool"),
+                    "404": _json(_ERROR, "No bridge has offered this tool within the grace period"),
                     "413": {"description": "Request body too large"},
                     "429": _LIMITED,
+                    "502": _json(_ERROR, "The bridge refused the call (its JSON-RPC error message)"),
+                    "503": {
+                        "description": (
+                            "No bridge can take the call now (the message names the bridges that have the tool "
+                            "and why), or the gateway is out of connections. Also before a stream starts."
+                        ),
+                        "headers": {"Retry-After": _RETRY_AFTER},
+                        "content": {"application/json": {"schema": _ERROR}},
+                    },
                 },
             }
         },
         "/v1/bridges": {
             "get": {
-                "summary": "Each bridge's state, latency, tools and last error",
+                "summary": "Each bridge's state, latency, tools, last error, and per model: loaded, slots, calls in flight",
                 "responses": {
                     "200": _json(
                         {"type": "object", "properties": {"bridges": {"type": "array", "items": {"$ref": "#/components/schemas/Bridge"}}}},
@@ -158,7 +233,8 @@ DOCUMENT: dict[str, Any] = {
                 "summary": "The models behind the healthy bridges, and whether each bridge reaches LM Studio",
                 "description": (
                     "Asks each healthy bridge's list_models tool (at most 2 s each); bridges that are down, "
-                    "slow or failing are listed under `skipped` with the reason."
+                    "slow or failing are listed under `skipped` with the reason. A bridge that is down but in "
+                    "its grace period adds the models it last listed, marked unavailable."
                 ),
                 "responses": {
                     "200": _json(

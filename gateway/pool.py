@@ -56,7 +56,7 @@ class ToolEntry:
         return any(b.healthy for b in self.bridges)
 
     def unavailable_reason(self) -> str:
-        reasons = "; ".join(f"{b.name}: {b.last_error or 'not checked yet'}" for b in self.bridges)
+        reasons = "; ".join(f"{b.name}: {(b.last_error or 'not checked yet').rstrip('.')}" for b in self.bridges)
         return f"No bridge can take {self.tool.name} now. Bridges that have it: {reasons}."
 
 

@@ -18,7 +18,7 @@ import anyio
 import httpx2
 import pytest
 from openapi_spec_validator import validate
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 
 from tests.conftest import CHAT_MODEL, CHAT_TOOL, EMBED_MODEL, bridge_process, free_port, gateway_process
 from tests.fake_lmstudio import FakeLMStudio, FakeModel, serve
@@ -61,7 +61,14 @@ def models_b() -> list[FakeModel]:
     return [
         FakeModel(CHAT_MODEL, display_name="Gemma 3 270M", capabilities=["tool_use"]),
         FakeModel(MINISTRAL, context_length=8192, publisher="mistralai", display_name="Ministral 3B"),
+        # Loaded here and not on bridge a, with two prediction slots.
+        FakeModel(QWEN, loaded=True, parallel=2, context_length=32768, publisher="qwen", display_name="Qwen3 4B"),
     ]
+
+
+def where(row: Locator) -> Locator:
+    """The lines of a model row's Where cell, one per bridge."""
+    return row.locator('td[data-label="Where"] .where')
 
 
 @asynccontextmanager
@@ -130,15 +137,25 @@ async def test_dashboard_endpoints(tmp_path: Path) -> None:
             assert models[CHAT_MODEL]["tools"] == [CHAT_TOOL] and models[CHAT_MODEL]["loaded"] is True
             assert models[QWEN]["loaded"] is False and models[QWEN]["context_length"] == 32768
             assert models[EMBED_MODEL]["type"] == "embedding"
+            assert all(m["available"] and "unavailable_reason" not in m for m in models.values())
             assert body["lmstudio"] == [{"bridge": f"127.0.0.1:{port}", "reachable": True, "last_error": None}]
             assert [s["bridge"] for s in body["skipped"]] == [f"127.0.0.1:{dead}"]
 
             stats = (await http.get("/v1/stats", headers=AUTH)).json()
             assert stats["requests_total"] >= 1 and set(stats["latency_ms"]) == {"p50", "p95", "p99"}
 
+            bridge = (await http.get("/v1/bridges", headers=AUTH)).json()["bridges"][0]
+            serving = {m["model"]: m for m in bridge["models"]}
+            assert serving[CHAT_MODEL] == {"model": CHAT_MODEL, "tools": [CHAT_TOOL], "loaded": True, "slots": 4,
+                                           "in_flight": 0}
+            assert serving[QWEN]["loaded"] is False
+
             document = (await http.get("/openapi.json", headers=AUTH)).json()
             validate(document)
             assert {"/v1/models", "/v1/stats", "/"} <= set(document["paths"])
+            call = document["paths"]["/v1/tools/{name}"]["post"]["responses"]
+            assert {"400", "404", "502", "503"} <= set(call) and "Retry-After" in call["503"]["headers"]
+            assert "models" in document["components"]["schemas"]["Bridge"]["properties"]
 
 
 async def test_dashboard_in_chromium(tmp_path: Path) -> None:
@@ -183,6 +200,10 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
         qwen = page.locator("#models tr", has_text=QWEN)
         await expect(qwen).to_contain_text("not loaded")
         await expect(qwen).to_contain_text("32,768 tokens")
+        # Where each model is, with its calls in flight and slots (bridge b is down; it never listed any).
+        await expect(where(gemma)).to_have_count(1)
+        await expect(where(gemma)).to_have_text(re.compile(rf"127\.0\.0\.1:{port_a}\s*loaded\s*0 in flight · 4 slots"))
+        await expect(bridges.nth(0)).to_contain_text("0 in flight")
         await expect(page.locator("#models tr", has_text=EMBED_MODEL)).to_contain_text("embedding")
         await expect(page.locator("#stats")).to_contain_text("Latency p50")
 
@@ -190,8 +211,17 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
             # LM Studio comes up behind bridge b: the page follows without a reload.
             await expect(bridges.nth(1)).to_contain_text("healthy", timeout=15_000)
             await expect(page.locator("#notices")).to_be_empty()
-            await expect(gemma).to_contain_text(f"127.0.0.1:{port_a}, 127.0.0.1:{port_b}", timeout=15_000)
-            await expect(page.locator("#models tr", has_text=MINISTRAL)).to_contain_text("8,192 tokens")
+            await expect(where(gemma)).to_have_count(2, timeout=15_000)
+            await expect(where(gemma).nth(1)).to_contain_text(f"127.0.0.1:{port_b}")
+            ministral = page.locator("#models tr", has_text=MINISTRAL)
+            await expect(ministral).to_contain_text("8,192 tokens")
+            # Qwen is loaded on b (2 slots) and not on a: each line says so.
+            await expect(qwen.locator("td[data-label=Loaded]")).to_have_text("loaded")
+            await expect(where(qwen).nth(0)).to_contain_text(f"127.0.0.1:{port_a}")
+            await expect(where(qwen).nth(0)).to_contain_text("not loaded")
+            await expect(where(qwen).nth(0)).to_contain_text("4 slots")
+            await expect(where(qwen).nth(1)).to_have_text(
+                re.compile(rf"127\.0\.0\.1:{port_b}\s*loaded\s*0 in flight · 2 slots"))
 
             # A chat tool's answer streams in piece by piece.
             words = [word + " " for word in ANSWER.split(" ")]
@@ -228,6 +258,9 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
                 fake.chunk_text = [f"w{i} " for i in range(400)]
             await page.get_by_role("button", name="Run").click()
             await expect(answer).to_contain_text("w5 ")
+            # While it streams, the bridge serving it counts it against gemma's slots there.
+            await expect(gemma.locator('td[data-label="Where"]')).to_contain_text("1 in flight · 4 slots", timeout=10_000)
+            await expect(page.locator("#bridges")).to_contain_text("1 in flight")
             await page.get_by_role("button", name="Stop").click()
             await expect(page.locator("#play-status")).to_contain_text("Stopped")
             with anyio.fail_after(10):
@@ -243,11 +276,40 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
                         await anyio.sleep(0.1)
             await screenshot(page, "dashboard-stopped.png")
 
-        # LM Studio b goes away and bridge a dies: no bridge is healthy, and the page says so.
+        # LM Studio b went away: Ministral, served only there, stays listed, marked unavailable with why.
+        await expect(ministral.locator("td[data-label=Loaded]")).to_have_text("unavailable", timeout=15_000)
+        reason = ministral.locator(".reason p")
+        await expect(reason).to_be_hidden()  # one click away: it names every bridge's last error
+        await ministral.get_by_text("Why unavailable?").click()
+        await expect(reason).to_be_visible()
+        await page.wait_for_timeout(3_500)
+        await expect(reason).to_be_visible()  # it stays open across a refresh
+        await expect(reason).to_contain_text(f"127.0.0.1:{port_b}: health check answered 503")
+        await expect(reason).to_contain_text("LM Studio is not reachable")
+        await expect(ministral.locator(".chip.off")).to_contain_text("(unavailable)")
+        await expect(where(ministral)).to_have_text(re.compile(rf"127\.0\.0\.1:{port_b}\s*down"))
+        await expect(where(gemma).nth(1)).to_contain_text("down")
+        await expect(gemma.locator("td[data-label=Loaded]")).to_have_text("loaded")  # a still serves it
+
+        # Then bridge a dies: no bridge is healthy, and the page says so.
         bridge_a.kill()
         await bridge_a.wait()
         await expect(page.locator("#notices")).to_contain_text("No bridge is healthy", timeout=15_000)
         await expect(page.locator("#health")).to_contain_text("unavailable")
+        # The embedding model's tool, whose only bridge was a, is still listed: unavailable, and why.
+        embed = page.locator("#models tr", has_text=EMBED_MODEL)
+        await expect(embed.locator("td[data-label=Loaded]")).to_have_text("unavailable", timeout=15_000)
+        await embed.get_by_text("Why unavailable?").click()
+        await expect(embed.locator(".reason p")).to_contain_text(
+            f"Bridges that have it: 127.0.0.1:{port_a}: health check failed")
+        await expect(embed.locator(".chip.off")).to_contain_text("(unavailable)")
+        await expect(where(embed)).to_have_text(re.compile(rf"127\.0\.0\.1:{port_a}\s*down"))
+        await expect(page.get_by_label("Chat tool")).to_contain_text(f"{CHAT_TOOL} (unavailable)")
+        await expect(page.get_by_role("button", name="Run")).to_be_disabled()
+        async with httpx2.AsyncClient(headers=AUTH) as http:
+            listed = {m["id"]: m for m in (await http.get(f"{gateway}/v1/models")).json()["models"]}
+        assert listed[EMBED_MODEL]["available"] is False and listed[EMBED_MODEL]["type"] == "embedding"
+        assert f"127.0.0.1:{port_a}" in listed[EMBED_MODEL]["unavailable_reason"]
         await screenshot(page, "dashboard-no-bridges.png")
 
     assert not errors, errors

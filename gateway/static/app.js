@@ -14,6 +14,8 @@ let timer = null;
 let refreshes = 0; // only the latest refresh schedules the next, so loops never pile up
 let tick = 0;
 let toolNames = "";
+const openReasons = new Set(); // model ids whose "why unavailable" the user opened
+let catalog = null; // the last /v1/models answer; its rows are redrawn on every refresh with fresh load figures
 let shownNotices = "";
 let call = null; // the AbortController of the playground call in progress
 
@@ -112,7 +114,7 @@ function showBridges(bridges) {
     cell("Bridge", h("span", { class: "mono nowrap" }, bridgeName(bridge.url))),
     cell("State", pill(bridge.healthy ? "healthy" : "down", bridge.healthy ? "ok" : "bad")),
     cell("Latency", nowrap(ms(bridge.latency_ms))),
-    cell("Calls", number(bridge.calls)),
+    cell("Calls", number(bridge.calls), h("br"), h("span", { class: "muted small nowrap" }, `${number(bridge.in_flight)} in flight`)),
     cell("Tools", bridge.tools.length),
     cell("Last error", bridge.last_error ? h("span", { class: "error" }, bridge.last_error) : "–"),
   )) : [emptyRow(6, "No bridges are configured.")]));
@@ -134,30 +136,71 @@ function showStats(stats) {
     h("div", {}, h("dt", {}, label), h("dd", {}, value), h("dd", { class: "muted small" }, detail))));
 }
 
-function showModels({ models, skipped }) {
-  $("models").replaceChildren(...(models.length ? models.map((model) => h("tr", {},
-    cell("Model", h("strong", {}, model.display_name || model.id), h("br"), h("span", { class: "mono muted small" }, model.id)),
-    cell("Type", model.type),
-    cell("Loaded", model.loaded ? pill("loaded", "ok") : pill(model.loaded === false ? "not loaded" : "unknown", "idle")),
-    cell("Context", model.context_length ? nowrap(`${number(model.context_length)} tokens`) : "–"),
-    cell("Tools", ...model.tools.map((tool) => h("span", { class: "chip" }, tool))),
-    cell("Bridges", model.bridges.join(", ")),
-  )) : [emptyRow(6, "No models: no bridge is healthy, or LM Studio serves none.")]));
+// Where a model is: every bridge that lists it or reports it, with its load there (from /v1/bridges,
+// which is fresh on every refresh) or that it is down.
+function whereLoaded(model, bridges) {
+  const lines = bridges.flatMap((bridge) => {
+    const load = (bridge.models || []).find((m) => m.model === model.id);
+    if (!load && !model.bridges.includes(bridge.name)) return [];
+    const name = h("span", { class: "mono" }, bridge.name);
+    if (!bridge.healthy) return [h("div", { class: "where" }, name, pill("down", "bad"))];
+    if (!load) return [h("div", { class: "where" }, name)]; // a bridge that does not report loads
+    return [h("div", { class: "where" }, name,
+      load.loaded ? pill("loaded", "ok") : pill("not loaded", "idle"),
+      h("span", { class: "figures" }, `${number(load.in_flight)} in flight · ${number(load.slots)} slots`))];
+  });
+  return lines.length ? lines : ["–"];
+}
+
+// The reason names every bridge's last error, which can be long: one click away. The rows are redrawn
+// on every refresh, so which reasons are open is remembered here.
+function reasonFor(modelId, reason) {
+  const details = h("details", { class: "reason small", open: openReasons.has(modelId) ? "" : null },
+    h("summary", {}, "Why unavailable?"), h("p", { class: "error" }, reason));
+  details.addEventListener("toggle", () => (details.open ? openReasons.add(modelId) : openReasons.delete(modelId)));
+  return details;
+}
+
+function showModels({ models, skipped }, bridges, tools) {
+  const byName = new Map(tools.map((tool) => [tool.name, tool]));
+  $("models").replaceChildren(...(models.length ? models.map((model) => {
+    const listed = model.tools.map((name) => byName.get(name)).filter(Boolean);
+    const down = listed.filter((tool) => tool.available === false);
+    const unavailable = listed.length > 0 && down.length === listed.length;
+    const loaded = unavailable ? pill("unavailable", "bad")
+      : model.loaded ? pill("loaded", "ok") : pill(model.loaded === false ? "not loaded" : "unknown", "idle");
+    return h("tr", { class: unavailable ? "unavailable" : null },
+      cell("Model", h("strong", {}, model.display_name || model.id), h("br"), h("span", { class: "mono muted small" }, model.id),
+        down.length ? reasonFor(model.id, down[0].unavailable_reason) : null),
+      cell("Type", model.type || "–"),
+      cell("Loaded", loaded),
+      cell("Context", model.context_length ? nowrap(`${number(model.context_length)} tokens`) : "–"),
+      cell("Tools", ...model.tools.map((name) => byName.get(name)?.available === false
+        ? h("span", { class: "chip off", title: byName.get(name).unavailable_reason }, name, " (unavailable)")
+        : h("span", { class: "chip" }, name))),
+      cell("Where", ...whereLoaded(model, bridges)),
+    );
+  }) : [emptyRow(6, "No models: no bridge is healthy, or LM Studio serves none.")]));
   const failed = skipped.filter((s) => s.error !== "not healthy").length;
-  $("models-note").textContent = skipped.length ? `${skipped.length} bridge(s) not listed${failed ? "" : " (down)"}` : "";
+  $("models-note").textContent = skipped.length ? `${skipped.length} bridge(s) not answering${failed ? "" : " (down)"}` : "";
 }
 
 function showTools(tools) {
   const select = $("tool");
-  const chats = tools.map((tool) => tool.name).filter((name) => name.startsWith("chat_"));
-  const listed = [...select.options].map((option) => option.value).join(" ");
-  if (listed !== chats.join(" ") || !chats.length) { // rebuilt only on change, so an open list stays open
+  const chats = tools.filter((tool) => tool.name.startsWith("chat_"));
+  const ready = chats.filter((tool) => tool.available !== false).map((tool) => tool.name);
+  const wanted = chats.map((tool) => `${tool.name}:${tool.available !== false}`).join(" ");
+  const listed = [...select.options].map((option) => `${option.value}:${!option.disabled}`).join(" ");
+  if (listed !== wanted || !chats.length) { // rebuilt only on change, so an open list stays open
     const chosen = select.value;
-    select.replaceChildren(...(chats.length ? chats.map((name) => h("option", { value: name }, name))
+    // A tool whose bridges are all down stays listed (for the grace period), greyed out.
+    select.replaceChildren(...(chats.length ? chats.map((tool) => tool.available === false
+      ? h("option", { value: tool.name, disabled: "" }, `${tool.name} (unavailable)`)
+      : h("option", { value: tool.name }, tool.name))
       : [h("option", { value: "" }, "no chat tool available")]));
-    if (chats.includes(chosen)) select.value = chosen;
+    select.value = ready.includes(chosen) ? chosen : (ready[0] ?? chats[0]?.name ?? "");
   }
-  $("run").disabled = Boolean(call) || !chats.length;
+  $("run").disabled = Boolean(call) || !ready.includes(select.value);
 }
 
 function notices(health, bridges) {
@@ -203,11 +246,12 @@ async function update() {
     showBridges(bridges.bridges);
     showStats(stats);
     showTools(tools.tools);
-    const names = tools.tools.map((tool) => tool.name).join(" ");
-    if (tick++ % MODELS_EVERY === 0 || names !== toolNames) {
+    const names = tools.tools.map((tool) => `${tool.name}:${tool.available}`).join(" ");
+    if (tick++ % MODELS_EVERY === 0 || names !== toolNames || !catalog) {
       toolNames = names;
-      showModels(await getJSON("/v1/models"));
+      catalog = await getJSON("/v1/models");
     }
+    showModels(catalog, bridges.bridges, tools.tools);
     showNotices(notices(health, bridges.bridges));
   } catch (error) {
     if (error instanceof Unauthorized) {
@@ -239,6 +283,7 @@ function signOut(message = "") {
   key = null;
   sessionStorage.removeItem(KEY_STORAGE);
   shownNotices = "";
+  catalog = null;
   $("dashboard").hidden = true;
   $("sign-out").hidden = true;
   $("login").hidden = false;
