@@ -164,9 +164,10 @@ async def wait_http(url: str, ok: Callable[[httpx2.Response], bool], process: an
 
 
 @asynccontextmanager
-async def fake_lmstudio(chunks: int, log: TextIO) -> AsyncIterator[tuple[str, int]]:
-    """The fake on a port of its choosing; yields (base URL, pid) once it answers."""
-    cmd = [sys.executable, str(FAKE_SCRIPT), "--port", "0", "--models", MODEL, "--chunks", str(chunks)]
+async def fake_lmstudio(chunks: int, log: TextIO, *extra: str) -> AsyncIterator[tuple[str, int]]:
+    """The fake on a port of its choosing; yields (base URL, pid) once it answers. `extra` options come last,
+    so they override (`"--models", "a/b,c/d"`) or add fleet behaviour (`"--load-delay", "2"`)."""
+    cmd = [sys.executable, str(FAKE_SCRIPT), "--port", "0", "--models", MODEL, "--chunks", str(chunks), *extra]
     async with spawned(cmd, env=clean_env(), log=log, capture_stdout=True) as process:
         assert process.stdout is not None
         first = b""

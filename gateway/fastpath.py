@@ -7,6 +7,8 @@ bridge could take and to make sure the header names the tool the body calls; the
 the chosen bridge unchanged (the client's key replaced by the bridge token, `Mcp-Param-*` passed
 on) and the bridge's SSE comes back as it arrives. A client that closes its stream closes the
 bridge's. Anything else (older versions, other methods, anything odd) is left to the SDK.
+
+Every `tools/call` on `/mcp`, in either era, is also checked here for input no bridge could take.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from gateway.request_id import current_request_id
 from gateway.router import Router
 from gateway.server import InvalidInput, ToolCaller, UnknownTool
 from gateway.upstream import BridgeDown, GatewayBusy
+from mcp_server.jsonsafe import unsendable
 
 _FORWARDED = {"content-type", "accept", MCP_PROTOCOL_VERSION_HEADER, MCP_METHOD_HEADER, MCP_NAME_HEADER}
 _SERVER_INFO = {"io.modelcontextprotocol/serverInfo": {"name": "llm-hub-gateway", "version": __version__}}
@@ -53,19 +56,25 @@ class FastPath:
         self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.applies(scope):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/mcp":
             await self.app(scope, receive, send)
             return
         body, receive = await _read_body(receive)
         try:
-            request = _parse(body, scope)
-        except InvalidInput as exc:
-            await _answer(send, _rpc_error(None, types.INVALID_PARAMS, str(exc)))
+            message = json.loads(body)
+        except RecursionError:
+            await _answer(send, _rpc_error(None, types.INVALID_PARAMS, "The request is nested too deeply to be read."))
             return
-        if request is None:  # not ours to judge: the SDK answers with the precise error
+        except ValueError:
+            message = None  # the SDK answers with the precise parse error
+        if (refused := _unsendable_call(message)) is not None:
+            await _answer(send, refused)
+            return
+        call = _tool_call(message, scope) if self.routable(scope) else None
+        if call is None:  # not ours to judge: the SDK serves it, or answers with the precise error
             await self.app(scope, receive, send)
             return
-        ident, name, arguments = request
+        ident, name, arguments = call
         try:
             self.caller.check(name, arguments)
         except (InvalidInput, UnknownTool) as exc:
@@ -73,16 +82,14 @@ class FastPath:
             return
         await self.relay(scope, receive, send, body, ident, name, arguments)
 
-    def applies(self, scope: Scope) -> bool:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/mcp":
-            return False
+    def routable(self, scope: Scope) -> bool:
+        """A `tools/call` under a version whose servers must check headers against the body."""
         method = version = None
         for key, value in scope["headers"]:
             if key == MCP_METHOD_HEADER.encode():
                 method = value
             elif key == MCP_PROTOCOL_VERSION_HEADER.encode():
                 version = value
-        # Headers are only trustworthy for routing under a version whose servers must check them.
         return method == b"tools/call" and version is not None and version.decode("latin-1") in MODERN_PROTOCOL_VERSIONS
 
     async def relay(
@@ -206,14 +213,32 @@ class _LastEvent:
         return "ok" if isinstance(result, dict) and not result.get("isError") else "error"
 
 
-def _parse(body: bytes, scope: Scope) -> tuple[types.RequestId, str, dict[str, Any] | None] | None:
+def _unsendable_call(message: Any) -> types.JSONRPCError | None:
+    """A `tools/call` (any era) whose input no bridge could take, refused naming the problem.
+
+    Checked before the SDK parses the body: its parser rejects some such input (a lone surrogate,
+    deep nesting) with a bare parse error that does not say which argument is wrong.
+    """
+    for item in message if isinstance(message, list) else [message]:
+        if not isinstance(item, dict) or item.get("method") != "tools/call":
+            continue
+        params = item.get("params")
+        params = params if isinstance(params, dict) else {}
+        problem = (
+            unsendable(params.get("arguments")) or unsendable(params.get("name"), "name")
+            or unsendable(params.get("_meta"), "_meta")
+        )
+        if problem:
+            ident = item.get("id")
+            ident = ident if isinstance(ident, int | str) and not isinstance(ident, bool) else None
+            name = params.get("name")
+            subject = f"for {name}" if isinstance(name, str) and not unsendable(name) else "for the tool"
+            return _rpc_error(ident, types.INVALID_PARAMS, f"Invalid arguments {subject}: {problem}.")
+    return None
+
+
+def _tool_call(message: Any, scope: Scope) -> tuple[types.RequestId, str, dict[str, Any] | None] | None:
     """(id, tool, arguments) of a well-formed single `tools/call`, or None to leave it to the SDK."""
-    try:
-        message = json.loads(body)
-    except RecursionError:
-        raise InvalidInput("The request is nested too deeply to be read.") from None
-    except ValueError:
-        return None
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or message.get("method") != "tools/call":
         return None
     ident, params = message.get("id"), message.get("params")

@@ -42,6 +42,8 @@ class ModelLoad:
     slots: int
     reported_in_flight: int = 0
     own_at_report: int = 0
+    loading: bool = False
+    """This gateway sent a call that makes LM Studio load it, and none has finished yet."""
 
 
 @dataclass
@@ -109,6 +111,10 @@ class Bridge:
         others = max(0, report.reported_in_flight - report.own_at_report) if report else 0
         return own + others
 
+    def is_loading(self, tool: str) -> bool:
+        load = self.models.get(self.model_of(tool))
+        return load is not None and load.loading
+
     def saturation(self, tool: str) -> float:
         return self.load(tool) / self.slots(tool)
 
@@ -120,10 +126,12 @@ class Bridge:
         load = self.models.get(model)
         if load is not None and not load.loaded:
             # It is loading now: further calls should queue here rather than load it elsewhere too.
-            load.loaded = True
+            load.loaded = load.loading = True
         return model
 
     def finished(self, model: str) -> None:
+        if (load := self.models.get(model)) is not None:
+            load.loading = False  # the load is over, one way or the other
         self.in_flight[model] -= 1
         if self.in_flight[model] <= 0:
             del self.in_flight[model]
@@ -259,10 +267,14 @@ class Bridge:
             tools = [t for t in entry.get("tools") or [] if isinstance(t, str)]
             slots = entry.get("slots")
             reported = entry.get("in_flight")
+            # A report taken while a load we started is under way still says "not loaded".
+            previous = self.models.get(entry["model"])
+            loading = previous is not None and previous.loading and entry.get("loaded") is False
             models[entry["model"]] = ModelLoad(
                 model=entry["model"],
                 tools=tools,
-                loaded=entry.get("loaded") is not False,
+                loaded=loading or entry.get("loaded") is not False,
+                loading=loading,
                 slots=slots if isinstance(slots, int) and slots > 0 else 4,
                 reported_in_flight=reported if isinstance(reported, int) else 0,
                 own_at_report=self.in_flight[entry["model"]],

@@ -64,7 +64,9 @@ class Router:
             return having[start:] + having[:start]
         loaded = _least_loaded_first([b for b in having if b.is_loaded(tool)], tool, turn)
         cold = _least_loaded_first([b for b in having if not b.is_loaded(tool)], tool, turn)
-        if not loaded or (cold and loaded[0].saturation(tool) >= self.settings.spill_ratio):
+        saturated = bool(loaded) and loaded[0].saturation(tool) >= self.settings.spill_ratio
+        # Calls queued behind a load this gateway started would not be served sooner by a second load.
+        if not loaded or (cold and saturated and not any(b.is_loading(tool) for b in loaded)):
             ordered = cold + loaded
         else:
             ordered = loaded + cold

@@ -5,7 +5,16 @@ docs/lmstudio-api.md: the three model-listing surfaces, the OpenAI-compatible in
 endpoints (streamed and not), LM Studio's error envelopes, and failure modes a bridge has to
 survive. `serve()` runs any ASGI app on a real uvicorn server on a free loopback port.
 
-Standalone: `python tests/fake_lmstudio.py --port 1234 --models a/b,c/d --surface v1`.
+It also behaves like one box of a fleet (docs/lmstudio-api.md, "A box in a fleet"): each model is
+loaded or only downloaded; a request for a downloaded model loads it first (just in time, taking
+`load_delay` seconds), and with `auto_evict` that unloads the model loaded just in time before it,
+while models loaded by hand stay; a loaded model with `parallel` slots runs that many requests at
+once and the rest wait for a slot. `loads` and `evictions` count per model. A marker such as
+`[[fake:malformed_midstream]]` anywhere in a request applies that mode to that request alone.
+
+Standalone: `python tests/fake_lmstudio.py --port 1234 --models a/b,c/d --surface v1`; a fleet box:
+`--models a/b,c/d --loaded a/b --parallel 4 --load-delay 2 --token-delay 0.02` (`GET /fake/stats`
+reports loads, evictions and slots in use).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import re
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,12 +47,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 ModelType = Literal["llm", "vlm", "embeddings"]
 Surface = Literal["v1", "v0", "openai"]
-Mode = Literal["ok", "slow", "die_midstream", "no_models_loaded", "malformed", "error500"]
+Mode = Literal["ok", "slow", "die_midstream", "no_models_loaded", "malformed", "malformed_midstream", "error500"]
 
 DEFAULT_CHUNKS = ["Hello", " from", " the", " fake", " model", "."]
 NO_MODELS_LOADED = (
     "No models loaded. Please load a model in the developer page or use the `lms load` command."
 )
+# `[[fake:<mode>]]` in a request body applies <mode> to that request only (see `marker`).
+_MODE_MARKER = re.compile(rb"\[\[fake:(\w+)\]\]")
 # uvicorn's grace period for in-flight requests when serve() exits; streams still open after it
 # are cancelled, so a test that leaves a slow stream running does not hang on teardown.
 _GRACEFUL_SHUTDOWN_SECONDS = 1.0
@@ -61,10 +73,15 @@ class FakeModel:
     publisher: str = "google"
     arch: str = "gemma3"
     capabilities: list[str] = field(default_factory=list)  # v0 names, e.g. ["tool_use"]
+    # Predictions a loaded instance runs at once, reported as loaded_instances[].config.parallel;
+    # further requests wait for a slot. None: not reported (older LM Studio) and no limit.
+    parallel: int | None = None
 
     def __post_init__(self) -> None:
         if self.type not in get_args(ModelType):
             raise ValueError(f"unknown model type {self.type!r}; use one of {get_args(ModelType)}")
+        if self.parallel is not None and self.parallel < 1:
+            raise ValueError(f"parallel must be at least 1, not {self.parallel}")
 
     @property
     def is_embedding(self) -> bool:
@@ -82,9 +99,7 @@ class FakeModel:
             "quantization": {"name": self.quantization, "bits_per_weight": bits},
             "size_bytes": _size_bytes(params, bits),
             "params_string": params,
-            "loaded_instances": (
-                [{"id": self.id, "config": {"context_length": self.context_length}}] if loaded else []
-            ),
+            "loaded_instances": [{"id": self.id, "config": self._instance_config()}] if loaded else [],
             "max_context_length": self.context_length,
             "format": "gguf",
             "capabilities": {
@@ -92,6 +107,12 @@ class FakeModel:
                 "trained_for_tool_use": "tool_use" in self.capabilities,
             },
         }
+
+    def _instance_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"context_length": self.context_length}
+        if self.parallel is not None:
+            config["parallel"] = self.parallel
+        return config
 
     def v0_entry(self, *, loaded: bool) -> dict[str, Any]:
         return {
@@ -154,6 +175,14 @@ def _model_not_found(name: str) -> JSONResponse:
     )
 
 
+async def _json_object(request: Request) -> dict[str, Any] | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def _sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
@@ -168,6 +197,13 @@ def _count_words(value: Any) -> int:
     if isinstance(value, dict):
         return _count_words(value.get("content")) + _count_words(value.get("text"))
     return 0
+
+
+def marker(mode: Mode) -> str:
+    """Text that, anywhere in a request (a prompt, say), makes the fake answer that request in `mode`."""
+    if mode not in get_args(Mode):
+        raise ValueError(f"unknown mode {mode!r}; use one of {get_args(Mode)}")
+    return f"[[fake:{mode}]]"
 
 
 def embedding_for(text: str) -> list[float]:
@@ -266,6 +302,36 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _Slots:
+    """The predictions one model runs at once: beyond `capacity`, requests wait for a slot."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.waiting = 0
+        self.peak = 0
+        self._freed = anyio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, capacity: int | None) -> AsyncIterator[None]:
+        async with self._freed:
+            self.waiting += 1
+            try:
+                while capacity is not None and self.active >= capacity:
+                    await self._freed.wait()
+            finally:
+                self.waiting -= 1
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            yield
+        finally:
+            self.active -= 1
+            with anyio.CancelScope(shield=True):
+                async with self._freed:
+                    # Every waiter looks again: one woken and then cancelled must not strand the rest.
+                    self._freed.notify_all()
+
+
 # Shapes one stream chunk from (delta, finish_reason); a None delta gives the usage chunk's base.
 _ChunkMaker = Callable[[dict[str, Any] | None, str | None], dict[str, Any]]
 
@@ -292,7 +358,13 @@ class FakeLMStudio:
     `requests` records inference requests that passed authentication; `listing_calls` counts
     model listings answered with 200; `disconnects` counts inference responses the client
     abandoned before the end (streams, and non-streamed answers during a "slow" wait).
-    A request for an unloaded model loads it, like LM Studio's just-in-time loading.
+
+    A request for an unloaded model loads it, like LM Studio's just-in-time loading: one load at
+    a time, each taking `load_delay` seconds; with `auto_evict` (LM Studio's default) it first
+    unloads the model loaded just in time before it. Models loaded at construction, by setting
+    `loaded`, or through `POST /api/v1/models/load` count as loaded by hand and are never evicted.
+    `loads` and `evictions` count per model id; `slots(model_id)` tells the requests running and
+    waiting; `chunk_delay` (the per-token delay) is slept before every streamed piece.
     """
 
     def __init__(
@@ -311,6 +383,9 @@ class FakeLMStudio:
         self.slow_seconds = 3.0
         self.chunk_text: list[str] = list(DEFAULT_CHUNKS)
         self.chunk_delay = 0.0
+        # While this is an unset Event, every stream stops before its last piece (the rest already
+        # sent) until it is set: a test holds many calls mid-answer and releases them together.
+        self.gate: anyio.Event | None = None
         # Real LM Studio answers unknown endpoints with 200 and {"error": "Unexpected endpoint
         # or method. ..."}; set this to 200 to reproduce that instead of a clean 404.
         self.unknown_endpoint_status = 404
@@ -318,6 +393,13 @@ class FakeLMStudio:
         self.disconnects = 0
         self.disconnected = anyio.Event()
         self.listing_calls = 0
+        self.load_delay = 0.0
+        self.auto_evict = True
+        self.loads: Counter[str] = Counter()
+        self.evictions: Counter[str] = Counter()
+        self._jit_loaded: list[str] = []  # loaded just in time and not since evicted, oldest first
+        self._slots: dict[str, _Slots] = {}
+        self._load_lock: anyio.Lock | None = None  # made on first use, inside the event loop
         self.app = Starlette(
             routes=[
                 Route("/api/v1/models", self._list_v1, methods=["GET"]),
@@ -326,6 +408,9 @@ class FakeLMStudio:
                 Route("/v1/chat/completions", self._chat_completions, methods=["POST"]),
                 Route("/v1/completions", self._completions, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+                Route("/api/v1/models/load", self._load_by_hand, methods=["POST"]),
+                Route("/api/v1/models/unload", self._unload, methods=["POST"]),
+                Route("/fake/stats", self._stats, methods=["GET"]),
             ],
             middleware=[Middleware(_BearerAuth, fake=self)],
             exception_handlers={404: self._unknown_endpoint, 405: self._unknown_endpoint},
@@ -337,6 +422,26 @@ class FakeLMStudio:
         self.disconnects = 0
         self.disconnected = anyio.Event()
         self.listing_calls = 0
+        self.loads.clear()
+        self.evictions.clear()
+
+    def slots(self, model_id: str) -> _Slots:
+        """The model's prediction slots: `active`, `waiting` and `peak` requests."""
+        return self._slots.setdefault(model_id, _Slots())
+
+    def stats(self) -> dict[str, Any]:
+        """What `GET /fake/stats` answers: the fleet counters, for a fake in another process."""
+        return {
+            "requests": len(self.requests),
+            "disconnects": self.disconnects,
+            "loads": dict(self.loads),
+            "evictions": dict(self.evictions),
+            "loaded": [m.id for m in self.models if m.loaded],
+            "slots": {
+                model_id: {"active": slots.active, "waiting": slots.waiting, "peak": slots.peak}
+                for model_id, slots in self._slots.items()
+            },
+        }
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -359,6 +464,68 @@ class FakeLMStudio:
 
     async def _unknown_endpoint(self, request: Request, exc: Exception) -> Response:
         return self._unknown_route(request)
+
+    # -- loading -----------------------------------------------------------------------------
+
+    async def _load(self, model: FakeModel, *, by_hand: bool) -> None:
+        """Load `model` unless it is loaded; one load at a time, `load_delay` seconds each."""
+        if model.loaded:
+            return
+        if self._load_lock is None:
+            self._load_lock = anyio.Lock()
+        async with self._load_lock:
+            if model.loaded:  # loaded by the request this one queued behind
+                return
+            if self.auto_evict and not by_hand:
+                self._evict_jit_loaded()
+            if self.load_delay > 0:
+                with anyio.CancelScope(shield=True):  # a load, once started, finishes
+                    await anyio.sleep(self.load_delay)
+            model.loaded = True
+            self.loads[model.id] += 1
+            if not by_hand:
+                self._jit_loaded.append(model.id)
+
+    def _evict_jit_loaded(self) -> None:
+        for model_id in self._jit_loaded:
+            model = self.find(model_id)
+            if model is not None and model.loaded:
+                model.loaded = False  # requests already running on it finish
+                self.evictions[model_id] += 1
+        self._jit_loaded.clear()
+
+    async def _load_by_hand(self, request: Request) -> Response:
+        if self.surface != "v1":
+            return self._unknown_route(request)
+        body = await _json_object(request)
+        model = self.find(body.get("model")) if body and isinstance(body.get("model"), str) else None
+        if model is None:
+            return _model_not_found(str((body or {}).get("model")))
+        if model.id in self._jit_loaded:  # now held by hand
+            self._jit_loaded.remove(model.id)
+        started = time.monotonic()
+        await self._load(model, by_hand=True)
+        return JSONResponse({
+            "type": "embedding" if model.is_embedding else "llm",
+            "instance_id": model.id,
+            "load_time_seconds": round(time.monotonic() - started, 3),
+            "status": "loaded",
+        })
+
+    async def _unload(self, request: Request) -> Response:
+        if self.surface != "v1":
+            return self._unknown_route(request)
+        body = await _json_object(request)
+        model = self.find(body.get("instance_id")) if body and isinstance(body.get("instance_id"), str) else None
+        if model is None or not model.loaded:
+            return _error(f"No loaded instance {(body or {}).get('instance_id')!r}.", 404, param="instance_id")
+        model.loaded = False
+        if model.id in self._jit_loaded:
+            self._jit_loaded.remove(model.id)
+        return JSONResponse({"instance_id": model.id})
+
+    async def _stats(self, request: Request) -> Response:
+        return JSONResponse(self.stats())
 
     # -- listing -----------------------------------------------------------------------------
 
@@ -383,23 +550,28 @@ class FakeLMStudio:
 
     async def _accept(
         self, request: Request, *, embeddings: bool
-    ) -> tuple[dict[str, Any], FakeModel] | Response:
-        """Record the request, then apply the failure modes and model checks LM Studio would."""
+    ) -> tuple[dict[str, Any], FakeModel, Mode] | Response:
+        """Record the request, then apply the failure modes and model checks LM Studio would.
+
+        Answers the request's mode (a marker in it, else `self.mode`) beside the body and model.
+        """
+        raw = await request.body()
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             body = None
         client = request.client.port if request.client else None  # which connection it came on
         self.requests.append({"path": request.url.path, "json": body, "headers": dict(request.headers), "client": client})
         if not isinstance(body, dict):
             return _error("Request body must be a JSON object.", 400)
-        if self.mode == "error500":
+        mode = self._mode_for(raw)
+        if mode == "error500":
             return _error("Internal error", 500, type_="internal_error")
-        if self.mode == "malformed":
+        if mode == "malformed":
             if body.get("stream") and not embeddings:
                 return StreamingResponse(iter(["data: {broken\n\n"]), media_type="text/event-stream")
             return Response(b"not json{", media_type="application/json")
-        if self.mode == "no_models_loaded":
+        if mode == "no_models_loaded":
             return _error(NO_MODELS_LOADED, 400, param="model", code="model_not_found")
         name = body.get("model")
         if not isinstance(name, str) or not name:
@@ -411,8 +583,14 @@ class FakeLMStudio:
             return _error(f'Model "{name}" is not an embedding model.', 400, param="model")
         if not embeddings and model.is_embedding:
             return _error(f'Model "{name}" is an embedding model and cannot generate text.', 400, param="model")
-        model.loaded = True  # just-in-time load
-        return body, model
+        await self._load(model, by_hand=False)
+        return body, model, mode
+
+    def _mode_for(self, raw: bytes) -> Mode:
+        found = _MODE_MARKER.search(raw)
+        if found is not None and found.group(1).decode() in get_args(Mode):
+            return found.group(1).decode()  # type: ignore[return-value]
+        return self.mode
 
     def _reply(self, body: dict[str, Any], prompt: Any, *, structured: bool) -> _Reply:
         pieces = list(self.chunk_text)
@@ -435,12 +613,13 @@ class FakeLMStudio:
             return True
         return False
 
-    async def _answer(self, request: Request, payload: dict[str, Any]) -> Response:
+    async def _answer(self, request: Request, payload: dict[str, Any], model: FakeModel, mode: Mode) -> Response:
         """Send a non-streamed answer, honouring the "slow" and "die_midstream" modes."""
-        if self.mode == "slow" and await self._client_left_during(request, self.slow_seconds):
-            self._note_abandoned()
-            return Response()  # nobody is listening any more
-        if self.mode != "die_midstream":
+        async with self.slots(model.id).hold(model.parallel):
+            if mode == "slow" and await self._client_left_during(request, self.slow_seconds):
+                self._note_abandoned()
+                return Response()  # nobody is listening any more
+        if mode != "die_midstream":
             return JSONResponse(payload)
         encoded = json.dumps(payload, separators=(",", ":")).encode()
 
@@ -456,33 +635,42 @@ class FakeLMStudio:
         )
 
     async def _chunks(
-        self, reply: _Reply, chunk: _ChunkMaker, *, chat: bool, include_usage: bool
+        self, reply: _Reply, chunk: _ChunkMaker, model: FakeModel, mode: Mode, *, chat: bool, include_usage: bool
     ) -> AsyncIterator[str]:
-        """The SSE body shared by both completion endpoints; `chunk(delta, finish)` shapes one chunk."""
-        if self.mode == "slow":
-            await anyio.sleep(self.slow_seconds)
-        if chat:
-            yield _sse(chunk({"role": "assistant", "content": ""}, None))
-        for index, piece in enumerate(reply.pieces):
-            if self.mode == "die_midstream" and index == 2:
+        """The SSE body shared by both completion endpoints; `chunk(delta, finish)` shapes one chunk.
+
+        The slot is taken here, after the response has started, so a client that leaves while
+        its request waits for a slot is noticed, and the slot is always given back.
+        """
+        async with self.slots(model.id).hold(model.parallel):
+            if mode == "slow":
+                await anyio.sleep(self.slow_seconds)
+            if chat:
+                yield _sse(chunk({"role": "assistant", "content": ""}, None))
+            for index, piece in enumerate(reply.pieces):
+                if mode == "die_midstream" and index == 2:
+                    raise _StreamAborted
+                if mode == "malformed_midstream" and index == 2:
+                    yield "data: {broken\n\n"  # one bad chunk; the stream goes on after it
+                if self.gate is not None and index == len(reply.pieces) - 1:
+                    await self.gate.wait()
+                if self.chunk_delay > 0:
+                    await anyio.sleep(self.chunk_delay)
+                else:
+                    await anyio.lowlevel.checkpoint()  # lets a disconnect be noticed between chunks
+                yield _sse(chunk({"content": piece} if chat else {"text": piece}, None))
+            if mode == "die_midstream":
                 raise _StreamAborted
-            if self.chunk_delay > 0:
-                await anyio.sleep(self.chunk_delay)
-            else:
-                await anyio.lowlevel.checkpoint()  # lets a disconnect be noticed between chunks
-            yield _sse(chunk({"content": piece} if chat else {"text": piece}, None))
-        if self.mode == "die_midstream":
-            raise _StreamAborted
-        yield _sse(chunk({} if chat else {"text": ""}, reply.finish_reason))
-        if include_usage:
-            yield _sse({**chunk(None, None), "choices": [], "usage": reply.usage})
-        yield _sse("[DONE]")
+            yield _sse(chunk({} if chat else {"text": ""}, reply.finish_reason))
+            if include_usage:
+                yield _sse({**chunk(None, None), "choices": [], "usage": reply.usage})
+            yield _sse("[DONE]")
 
     async def _chat_completions(self, request: Request) -> Response:
         accepted = await self._accept(request, embeddings=False)
         if isinstance(accepted, Response):
             return accepted
-        body, model = accepted
+        body, model, mode = accepted
         response_format = body.get("response_format")
         structured = isinstance(response_format, dict) and response_format.get("type") == "json_schema"
         reply = self._reply(body, body.get("messages"), structured=structured)
@@ -500,19 +688,19 @@ class FakeLMStudio:
                     "finish_reason": reply.finish_reason,
                 }],
                 "usage": reply.usage,
-            })
+            }, model, mode)
 
         def chunk(delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {**base, "object": "chat.completion.chunk", "choices": [choice]}
 
-        return self._stream(reply, chunk, body, chat=True)
+        return self._stream(reply, chunk, body, model, mode, chat=True)
 
     async def _completions(self, request: Request) -> Response:
         accepted = await self._accept(request, embeddings=False)
         if isinstance(accepted, Response):
             return accepted
-        body, model = accepted
+        body, model, mode = accepted
         reply = self._reply(body, body.get("prompt"), structured=False)
         base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model.id}
 
@@ -527,26 +715,28 @@ class FakeLMStudio:
                     "finish_reason": reply.finish_reason,
                 }],
                 "usage": reply.usage,
-            })
+            }, model, mode)
 
         def chunk(delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
             choice = {"index": 0, "text": (delta or {}).get("text", ""), "logprobs": None, "finish_reason": finish}
             return {**base, "object": "text_completion", "choices": [choice]}
 
-        return self._stream(reply, chunk, body, chat=False)
+        return self._stream(reply, chunk, body, model, mode, chat=False)
 
     def _stream(
         self,
         reply: _Reply,
         chunk: _ChunkMaker,
         body: dict[str, Any],
+        model: FakeModel,
+        mode: Mode,
         *,
         chat: bool,
     ) -> Response:
         stream_options = body.get("stream_options")
         include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
         return _TrackedStream(
-            self._chunks(reply, chunk, chat=chat, include_usage=include_usage),
+            self._chunks(reply, chunk, model, mode, chat=chat, include_usage=include_usage),
             on_abandon=self._note_abandoned,
             headers={"cache-control": "no-cache"},
         )
@@ -555,7 +745,7 @@ class FakeLMStudio:
         accepted = await self._accept(request, embeddings=True)
         if isinstance(accepted, Response):
             return accepted
-        body, model = accepted
+        body, model, mode = accepted
         raw = body.get("input")
         texts = [raw] if isinstance(raw, str) else raw
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -569,7 +759,7 @@ class FakeLMStudio:
             ],
             "model": model.id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        })
+        }, model, mode)
 
 
 # -- serving -----------------------------------------------------------------------------------
@@ -663,18 +853,36 @@ def main() -> None:
     )
     parser.add_argument("--surface", choices=get_args(Surface), default="v1")
     parser.add_argument("--mode", choices=get_args(Mode), default="ok")
-    parser.add_argument("--chunks", type=int, help='reply with N pieces "tok{i} " and no delay')
-    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
+    parser.add_argument("--chunks", type=int, help='reply with N pieces "tok{i} " (no delay unless --token-delay)')
+    parser.add_argument("--chunk-delay", "--token-delay", dest="chunk_delay", type=float, default=0.0,
+                        help="seconds before each streamed piece (token)")
     parser.add_argument("--token", help="require 'Authorization: Bearer TOKEN'")
+    parser.add_argument("--loaded", help="comma-separated ids loaded (by hand) at start, '' for none; default: all")
+    parser.add_argument("--parallel", type=int, help="prediction slots per loaded model (reported, and enforced)")
+    parser.add_argument("--load-delay", type=float, default=0.0, help="seconds a just-in-time load takes")
+    parser.add_argument("--no-auto-evict", dest="auto_evict", action="store_false",
+                        help="keep every model loaded just in time (LM Studio's auto-evict off)")
     args = parser.parse_args()
 
     models = [_model_from_cli(name.strip()) for name in args.models.split(",") if name.strip()]
+    if args.loaded is not None:
+        loaded = {name.strip() for name in args.loaded.split(",") if name.strip()}
+        if unknown := loaded - {m.id for m in models}:
+            parser.error(f"--loaded names models not in --models: {', '.join(sorted(unknown))}")
+        for model in models:
+            model.loaded = model.id in loaded
+    if args.parallel is not None:
+        if args.parallel < 1:
+            parser.error("--parallel must be at least 1")
+        for model in models:
+            model.parallel = args.parallel
     fake = FakeLMStudio(models, surface=args.surface, token=args.token)
     fake.mode = args.mode
     fake.chunk_delay = args.chunk_delay
+    fake.load_delay = args.load_delay
+    fake.auto_evict = args.auto_evict
     if args.chunks is not None:
         fake.chunk_text = [f"tok{i} " for i in range(args.chunks)]
-        fake.chunk_delay = 0.0
 
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]

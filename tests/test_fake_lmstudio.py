@@ -14,7 +14,7 @@ import anyio
 import httpx2
 import pytest
 
-from tests.fake_lmstudio import FakeLMStudio, FakeModel, embedding_for, serve
+from tests.fake_lmstudio import FakeLMStudio, FakeModel, embedding_for, marker, serve
 
 MODELS = [
     FakeModel("google/gemma-3-270m", capabilities=["tool_use"]),
@@ -284,3 +284,166 @@ def test_command_line() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# -- a box in a fleet: loading, eviction, parallel slots ------------------------------------------
+
+
+def chat_body(model: str, prompt: str = "hi", *, stream: bool = True) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": stream}
+
+
+def loaded_ids(listing: dict[str, Any]) -> set[str]:
+    return {m["key"] for m in listing["models"] if m["loaded_instances"]}
+
+
+@pytest.mark.anyio
+async def test_parallel_slots_are_reported_and_extra_requests_wait() -> None:
+    fake = FakeLMStudio([FakeModel("a/model", parallel=2), FakeModel("b/model")])
+    fake.chunk_delay = 0.05
+    async with serve(fake.app) as url, httpx2.AsyncClient(base_url=url, timeout=10) as http:
+        entries = (await http.get("/api/v1/models")).json()["models"]
+        assert entries[0]["loaded_instances"] == [{"id": "a/model", "config": {"context_length": 4096, "parallel": 2}}]
+        assert entries[1]["loaded_instances"][0]["config"] == {"context_length": 4096}  # older LM Studio: absent
+        texts: list[str] = []
+
+        async def call() -> None:
+            response = await http.post("/v1/chat/completions", json=chat_body("a/model"))
+            texts.append("".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(response.text)[:-1]
+                                 if e["choices"]))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(call)
+            slots = fake.slots("a/model")
+            with anyio.fail_after(5):
+                while slots.active + slots.waiting < 5:
+                    await anyio.sleep(0.01)
+            assert (slots.active, slots.waiting) == (2, 3)
+        assert texts == ["Hello from the fake model."] * 5
+        assert slots.peak == 2 and slots.active == slots.waiting == 0
+        assert fake.stats()["slots"]["a/model"] == {"active": 0, "waiting": 0, "peak": 2}
+
+
+@pytest.mark.anyio
+async def test_jit_load_takes_the_load_delay_and_evicts_the_previous_jit_model() -> None:
+    fake = FakeLMStudio([FakeModel("by/hand"), FakeModel("jit/b", loaded=False), FakeModel("jit/c", loaded=False)])
+    fake.load_delay = 0.3
+    async with serve(fake.app) as url, httpx2.AsyncClient(base_url=url, timeout=10) as http:
+        started = time.monotonic()
+        assert (await http.post("/v1/chat/completions", json=chat_body("jit/b"))).status_code == 200
+        assert time.monotonic() - started >= 0.3
+        assert loaded_ids((await http.get("/api/v1/models")).json()) == {"by/hand", "jit/b"}
+        assert fake.loads == {"jit/b": 1} and not fake.evictions
+
+        # Two requests for an unloaded model share one load; the listing says "not loaded" until it ends.
+        async def call_c() -> None:
+            await http.post("/v1/chat/completions", json=chat_body("jit/c"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(call_c)
+            await anyio.sleep(0.1)
+            assert loaded_ids((await http.get("/api/v1/models")).json()) == {"by/hand"}  # b evicted, c loading
+        assert loaded_ids((await http.get("/api/v1/models")).json()) == {"by/hand", "jit/c"}
+        assert fake.loads == {"jit/b": 1, "jit/c": 1} and fake.evictions == {"jit/b": 1}
+
+        await http.post("/v1/chat/completions", json=chat_body("jit/b"))  # and back: c goes
+        await http.post("/v1/chat/completions", json=chat_body("by/hand"))  # loaded: no load
+        assert fake.loads == {"jit/b": 2, "jit/c": 1} and fake.evictions == {"jit/b": 1, "jit/c": 1}
+        stats = (await http.get("/fake/stats")).json()
+        assert stats["loads"] == {"jit/b": 2, "jit/c": 1} and stats["evictions"] == {"jit/b": 1, "jit/c": 1}
+        assert stats["loaded"] == ["by/hand", "jit/b"] and stats["requests"] == 5
+
+        fake.auto_evict = False
+        await http.post("/v1/chat/completions", json=chat_body("jit/c"))
+        assert fake.find("jit/b").loaded and fake.find("jit/c").loaded  # type: ignore[union-attr]
+        fake.reset()
+        assert not fake.loads and not fake.evictions
+
+
+@pytest.mark.anyio
+async def test_models_loaded_through_the_api_are_not_evicted() -> None:
+    fake = FakeLMStudio([FakeModel("a/one", loaded=False), FakeModel("b/two", loaded=False)])
+    async with serve(fake.app) as url, httpx2.AsyncClient(base_url=url, timeout=10) as http:
+        loaded = (await http.post("/api/v1/models/load", json={"model": "a/one"})).json()
+        assert loaded["status"] == "loaded" and loaded["instance_id"] == "a/one" and loaded["type"] == "llm"
+        await http.post("/v1/chat/completions", json=chat_body("b/two"))
+        assert loaded_ids((await http.get("/api/v1/models")).json()) == {"a/one", "b/two"}
+        assert fake.loads == {"a/one": 1, "b/two": 1} and not fake.evictions
+        unloaded = await http.post("/api/v1/models/unload", json={"instance_id": "b/two"})
+        assert unloaded.json() == {"instance_id": "b/two"}
+        assert (await http.post("/api/v1/models/unload", json={"instance_id": "b/two"})).status_code == 404
+        assert (await http.post("/api/v1/models/load", json={"model": "x/none"})).status_code == 404
+        assert loaded_ids((await http.get("/api/v1/models")).json()) == {"a/one"}
+
+
+@pytest.mark.anyio
+async def test_a_marker_fails_one_request_mid_stream_and_no_other(
+    fake: FakeLMStudio, client: httpx2.AsyncClient
+) -> None:
+    poisoned = chat_body(LLM, f"please {marker('malformed_midstream')} now")
+    responses = [await client.post("/v1/chat/completions", json=body) for body in (poisoned, chat_body(LLM))]
+    bad_lines = [block.removeprefix("data: ") for block in responses[0].text.split("\n\n") if block]
+    assert bad_lines[3] == "{broken"  # after the role chunk and two pieces; the stream goes on
+    assert bad_lines[-1] == "[DONE]" and len(bad_lines) == len(sse_events(responses[1].text)) + 1
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(responses[1].text)[:-1]) == (
+        "Hello from the fake model.")
+    died = chat_body(LLM, marker("error500"), stream=False)
+    assert (await client.post("/v1/chat/completions", json=died)).status_code == 500
+    assert fake.mode == "ok"
+    with pytest.raises(ValueError, match="unknown mode"):
+        marker("nonsense")  # type: ignore[arg-type]
+
+
+def test_command_line_fleet_options() -> None:
+    script = Path(__file__).with_name("fake_lmstudio.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--port", "0", "--models", "a/b,c/d,e/f", "--loaded", "a/b", "--parallel", "3",
+         "--load-delay", "0.2", "--token-delay", "0.01", "--chunks", "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split(" on ")[1].split()[0]
+        listing = httpx2.get(f"{url}/api/v1/models").json()
+        assert loaded_ids(listing) == {"a/b"}
+        assert listing["models"][0]["loaded_instances"][0]["config"]["parallel"] == 3
+        started = time.monotonic()
+        for model in ("c/d", "e/f"):
+            answer = httpx2.post(f"{url}/v1/chat/completions", json=chat_body(model, stream=False), timeout=10).json()
+            assert answer["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
+        assert time.monotonic() - started >= 0.4
+        stats = httpx2.get(f"{url}/fake/stats").json()
+        assert stats["loads"] == {"c/d": 1, "e/f": 1} and stats["evictions"] == {"c/d": 1}
+        assert stats["loaded"] == ["a/b", "e/f"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    bad = subprocess.run([sys.executable, str(script), "--port", "0", "--models", "a/b", "--loaded", "x/y"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "x/y" in bad.stderr
+
+
+@pytest.mark.anyio
+async def test_gate_holds_streams_before_their_last_piece(fake: FakeLMStudio, client: httpx2.AsyncClient) -> None:
+    fake.gate = anyio.Event()
+    received: list[list[str]] = [[], []]
+
+    async def read(into: list[str]) -> None:
+        async with client.stream("POST", "/v1/chat/completions", json=chat_body(LLM)) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    into.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+
+    async with anyio.create_task_group() as tg:
+        for into in received:
+            tg.start_soon(read, into)
+        with anyio.fail_after(5):
+            while sum(len(r) for r in received) < 12:  # role chunk and five pieces each
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.1)
+        assert [len(r) for r in received] == [6, 6] and fake.slots(LLM).active == 2
+        fake.gate.set()
+    assert ["".join(r) for r in received] == ["Hello from the fake model."] * 2

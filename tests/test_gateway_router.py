@@ -107,3 +107,17 @@ def test_affinity_keeps_a_conversation_on_one_bridge(enabled: bool) -> None:
         assert names(router, {"messages": later})[0] != home
     else:
         assert len(followers) == 2
+
+
+def test_no_second_load_while_the_first_is_under_way() -> None:
+    router, _ = fleet((True, False, 4), (True, False, 4), spill_ratio=1.0)
+    first = router.candidates(TOOL, None)[0]
+    with router.counted(first, TOOL):
+        for _ in range(8):  # calls queue behind the load, well past the spill ratio
+            first.started(TOOL)
+        assert names(router)[0] == first.name
+        # A health check taken mid-load still says "not loaded": the load stays counted as ours.
+        first.read_serving([{"model": "a", "tools": [TOOL], "loaded": False, "slots": 4, "in_flight": 9}])
+        assert first.is_loaded(TOOL) and names(router)[0] == first.name
+    first.read_serving([{"model": "a", "tools": [TOOL], "loaded": True, "slots": 4, "in_flight": 8}])
+    assert names(router)[0] != first.name  # loaded now, and 8 calls on 4 slots: the other box is worth loading
