@@ -43,7 +43,7 @@ class ModelLoad:
     reported_in_flight: int = 0
     own_at_report: int = 0
     loading: bool = False
-    """This gateway sent a call that makes LM Studio load it, and none has finished yet."""
+    """This gateway's calls made LM Studio load it, and the calls queued meanwhile have not drained yet."""
 
 
 @dataclass
@@ -130,9 +130,12 @@ class Bridge:
         return model
 
     def finished(self, model: str) -> None:
-        if (load := self.models.get(model)) is not None:
-            load.loading = False  # the load is over, one way or the other
         self.in_flight[model] -= 1
+        load = self.models.get(model)
+        # The calls that queued while the model loaded are the load's backlog, not a sign that the
+        # box is too slow: a second load elsewhere would take as long as they take to drain.
+        if load is not None and load.loading and self.in_flight[model] <= load.slots:
+            load.loading = False
         if self.in_flight[model] <= 0:
             del self.in_flight[model]
 
