@@ -4,7 +4,8 @@
 
 The bridge (`llm-hub`) is started as a subprocess and spoken to over its stdin/stdout. It talks to
 LM Studio at LMSTUDIO_URL (default http://localhost:1234). Without a tool name the first chat_
-tool is used. Needs `llm-hub` installed (`pip install llm-hub`, or this repository's .venv).
+tool is used. Needs `llm-hub` installed: run this with the .venv's python, made in this repository by
+`python3 -m venv .venv && .venv/bin/pip install .`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def find_llm_hub() -> str:
     beside = Path(sys.executable).with_name("llm-hub")
     found = str(beside) if beside.exists() else shutil.which("llm-hub")
     if found is None:
-        sys.exit("llm-hub is not installed: `pip install llm-hub` (or run this with the .venv's python).")
+        sys.exit("llm-hub is not installed: in this repository, python3 -m venv .venv && .venv/bin/pip install . "
+                 "and run this with .venv/bin/python.")
     return found
 
 

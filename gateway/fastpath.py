@@ -13,6 +13,7 @@ Every `tools/call` on `/mcp`, in either era, is also checked here for input no b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ from mcp.shared.inbound import (
     decode_header_value,
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.metrics import ToolOutcome
@@ -41,7 +42,8 @@ from gateway.request_id import current_request_id
 from gateway.router import Router
 from gateway.server import InvalidInput, ToolCaller, UnknownTool
 from gateway.upstream import BridgeDown, GatewayBusy
-from mcp_server.jsonsafe import unsendable
+from mcp_server.body import buffer_body
+from mcp_server.jsonsafe import refused_tool_call
 
 _FORWARDED = {"content-type", "accept", MCP_PROTOCOL_VERSION_HEADER, MCP_METHOD_HEADER, MCP_NAME_HEADER}
 _SERVER_INFO = {"io.modelcontextprotocol/serverInfo": {"name": "llm-hub-gateway", "version": __version__}}
@@ -59,16 +61,17 @@ class FastPath:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/mcp":
             await self.app(scope, receive, send)
             return
-        body, receive = await _read_body(receive)
+        # The body-size middleware in front has capped the body already.
+        body, _, receive = await buffer_body(receive, self.caller.settings.max_body_bytes)
         try:
             message = json.loads(body)
         except RecursionError:
-            await _answer(send, _rpc_error(None, types.INVALID_PARAMS, "The request is nested too deeply to be read."))
+            await _answer(send, _rpc_error(None, "The request is nested too deeply to be read."))
             return
         except ValueError:
             message = None  # the SDK answers with the precise parse error
-        if (refused := _unsendable_call(message)) is not None:
-            await _answer(send, refused)
+        if (refused := refused_tool_call(message)) is not None:
+            await _answer(send, _rpc_error(*refused))
             return
         call = _tool_call(message, scope) if self.routable(scope) else None
         if call is None:  # not ours to judge: the SDK serves it, or answers with the precise error
@@ -78,7 +81,7 @@ class FastPath:
         try:
             self.caller.check(name, arguments)
         except (InvalidInput, UnknownTool) as exc:
-            await _answer(send, _rpc_error(ident, types.INVALID_PARAMS, str(exc)))
+            await _answer(send, _rpc_error(ident, str(exc)))
             return
         await self.relay(scope, receive, send, body, ident, name, arguments)
 
@@ -116,7 +119,7 @@ class FastPath:
             reason = "; ".join(failures) if failures else str(self.router.unavailable(name))
             await _answer(send, _rpc_result(ident, reason, is_error=True))
         except GatewayBusy as exc:
-            await _answer(send, _rpc_error(ident, types.INTERNAL_ERROR, str(exc)), status=503)
+            await _answer(send, _rpc_error(ident, str(exc), types.INTERNAL_ERROR), status=503)
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"
             raise
@@ -139,6 +142,8 @@ class FastPath:
             if waiting.cancelled_caught:
                 await _answer(send, _rpc_result(ident, _too_long(self.caller.settings.call_timeout), is_error=True))
                 return "error"
+            if first is not None and _whole_json(response, first):
+                return await _relay_whole(response, first, chunks, send)
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": _response_headers(response)})
             tail = _LastEvent()
@@ -177,6 +182,26 @@ class FastPath:
         return "error" if ending else tail.outcome()
 
 
+def _whole_json(response: httpx2.Response, first: bytes) -> bool:
+    """Whether the bridge answered with one JSON message (no progress was asked for) and it is all in `first`."""
+    length = response.headers.get("content-length")
+    return (response.headers.get("content-type", "").startswith("application/json")
+            and length is not None and length.isdigit() and int(length) == len(first))
+
+
+async def _relay_whole(response: httpx2.Response, body: bytes, chunks: AsyncIterator[bytes], send: Send) -> ToolOutcome:
+    """A whole JSON answer goes on in one piece, with its length: nothing is left to stream, so there
+    is no chunked framing to write and no caller to watch while waiting."""
+    with contextlib.suppress(httpx2.HTTPError):  # the end, already read: the connection goes back to the pool
+        await anext(chunks, None)
+    headers = [*_response_headers(response), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    tail = _LastEvent()
+    tail.feed(body)
+    return tail.outcome()
+
+
 def _too_long(seconds: float) -> str:
     return f"The call took longer than {seconds:g} s (LLM_HUB_CALL_TIMEOUT)."
 
@@ -213,30 +238,6 @@ class _LastEvent:
         return "ok" if isinstance(result, dict) and not result.get("isError") else "error"
 
 
-def _unsendable_call(message: Any) -> types.JSONRPCError | None:
-    """A `tools/call` (any era) whose input no bridge could take, refused naming the problem.
-
-    Checked before the SDK parses the body: its parser rejects some such input (a lone surrogate,
-    deep nesting) with a bare parse error that does not say which argument is wrong.
-    """
-    for item in message if isinstance(message, list) else [message]:
-        if not isinstance(item, dict) or item.get("method") != "tools/call":
-            continue
-        params = item.get("params")
-        params = params if isinstance(params, dict) else {}
-        problem = (
-            unsendable(params.get("arguments")) or unsendable(params.get("name"), "name")
-            or unsendable(params.get("_meta"), "_meta")
-        )
-        if problem:
-            ident = item.get("id")
-            ident = ident if isinstance(ident, int | str) and not isinstance(ident, bool) else None
-            name = params.get("name")
-            subject = f"for {name}" if isinstance(name, str) and not unsendable(name) else "for the tool"
-            return _rpc_error(ident, types.INVALID_PARAMS, f"Invalid arguments {subject}: {problem}.")
-    return None
-
-
 def _tool_call(message: Any, scope: Scope) -> tuple[types.RequestId, str, dict[str, Any] | None] | None:
     """(id, tool, arguments) of a well-formed single `tools/call`, or None to leave it to the SDK."""
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or message.get("method") != "tools/call":
@@ -271,30 +272,7 @@ def _response_headers(response: httpx2.Response) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
-    """The whole body (its size is capped by the body-limit middleware), and a receive that replays it."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return body, replay
-
-
-def _rpc_error(ident: types.RequestId | None, code: int, message: str) -> types.JSONRPCError:
+def _rpc_error(ident: types.RequestId | None, message: str, code: int = types.INVALID_PARAMS) -> types.JSONRPCError:
     return types.JSONRPCError(jsonrpc="2.0", id=ident, error=types.ErrorData(code=code, message=message))
 
 

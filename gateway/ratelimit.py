@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.refusal import RATE_LIMITED, UNAVAILABLE, refusal
 from gateway.settings import GatewaySettings
+from mcp_server.body import buffer_body
 
 if TYPE_CHECKING:
     from redis.asyncio import ConnectionPool
@@ -193,7 +193,7 @@ class RateLimitMiddleware:
         # The header is trusted only to say "tool call": a false "tools/list" must not hide one.
         if Headers(scope=scope).get("mcp-method") == "tools/call":
             return "tool", receive
-        body, overflowed, replay = await _buffer_body(receive)
+        body, overflowed, replay = await buffer_body(receive, MAX_INSPECTED_BODY)
         # A body too large to inspect counts as a tool call, so padding cannot dodge the budget.
         return ("tool" if overflowed or _calls_a_tool(body) else "other"), replay
 
@@ -215,36 +215,6 @@ class RateLimitMiddleware:
                 self.on_reject(kind)
         code = UNAVAILABLE if decision.unavailable else RATE_LIMITED
         await refusal(scope, status, code, message, headers)(scope, receive, send)
-
-
-async def _buffer_body(receive: Receive) -> tuple[bytes, bool, Receive]:
-    """Reads the body, stopping past MAX_INSPECTED_BODY; returns it, whether it stopped, and a replaying receive."""
-    body = bytearray()
-    received_request = complete = False
-    trailing: Message | None = None
-    while len(body) <= MAX_INSPECTED_BODY:
-        message = await receive()
-        if message["type"] != "http.request":
-            trailing = message
-            break
-        received_request = True
-        body.extend(message.get("body", b""))
-        if not message.get("more_body", False):
-            complete = True
-            break
-
-    cached: deque[Message] = deque()
-    if received_request:
-        cached.append({"type": "http.request", "body": bytes(body), "more_body": not complete})
-    if trailing is not None:
-        cached.append(trailing)
-
-    async def replay() -> Message:
-        if cached:
-            return cached.popleft()
-        return await receive()
-
-    return bytes(body), not complete and trailing is None, replay
 
 
 def _calls_a_tool(body: bytes) -> bool:

@@ -54,7 +54,7 @@ class ToolCaller:
         if arguments is not None and not isinstance(arguments, dict):
             raise InvalidInput("Tool arguments must be a JSON object.")
         if problem := unsendable(arguments):
-            raise InvalidInput(f"Invalid arguments for {name}: {problem}.")
+            raise InvalidInput(f"Invalid arguments for {name}: {problem}")
         if name not in self.pool.union():
             raise UnknownTool(f"Unknown tool {name!r}: no bridge offers it. List the tools again.")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mcp_server.settings import CommaList, LogFormat, LogLevel
+from mcp_server.settings import CommaList, LogFormat, LogLevel, http_url
 
 
 class GatewaySettings(BaseSettings):
@@ -64,10 +64,40 @@ class GatewaySettings(BaseSettings):
     @field_validator("bridges")
     @classmethod
     def _http_urls(cls, value: list[str]) -> list[str]:
-        for url in value:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} must start with http:// or https://")
-        return [url.rstrip("/") for url in value]
+        urls = [http_url(url, example="http://127.0.0.1:3000") for url in value]
+        for url in urls:
+            if url.endswith("/mcp"):  # the MCP endpoint, given where the bridge's base URL goes
+                raise ValueError(f"{url!r} ends in /mcp, which the gateway adds itself: use {url.removesuffix('/mcp')}")
+        return urls
+
+    @field_validator("api_keys")
+    @classmethod
+    def _named_keys(cls, value: list[str]) -> list[str]:
+        # Messages name keys, never show them: they reach the terminal and the logs.
+        names: set[str] = set()
+        for entry in value:
+            name, key = split_key(entry)
+            if not name:
+                raise ValueError("an entry has no name before its ':': give each key as NAME:KEY")
+            if not key:
+                raise ValueError(f"the key named {name!r} is empty (an unset variable?): give it as NAME:KEY")
+            if name in names:
+                raise ValueError(f"two keys are named {name!r}: give each its own name")
+            names.add(name)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from redis.connection import parse_url  # Redis is only needed when a URL is given
+
+        try:
+            parse_url(value.removeprefix("async+"))
+        except ValueError as exc:  # the URL itself is left out: it may hold a password
+            raise ValueError(f"not a Redis URL ({exc}), e.g. redis://localhost:6379/0") from None
+        return value
 
     @field_validator("rate_limit", "request_limit")
     @classmethod
@@ -75,30 +105,32 @@ class GatewaySettings(BaseSettings):
         from limits import parse_many
 
         try:
-            parse_many(value)
+            items = parse_many(value)
         except ValueError:
             raise ValueError(f"{value!r} is not a rate limit such as '60/minute' or '10/second'") from None
+        if any(item.amount < 1 or item.multiples < 1 for item in items):
+            raise ValueError(f"{value!r} would refuse everything: allow at least 1, e.g. '60/minute'")
         return value
 
     @field_validator("key_limits")
     @classmethod
-    def _key_limits(cls, value: list[str]) -> list[str]:
+    def _key_limits(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # api_keys is validated first (it is declared first), and is missing here only if it was refused.
+        names = {split_key(entry)[0] for entry in info.data.get("api_keys", [])}
         for entry in value:
             name, sep, limit = entry.partition("=")
             if not sep or not name.strip():
                 raise ValueError(f"{entry!r} must look like NAME=LIMIT, e.g. ci=600/minute")
             cls._limit(limit.strip())
+            if "api_keys" in info.data and name.strip() not in names:
+                known = ", ".join(sorted(names)) or "none"
+                raise ValueError(f"{entry!r} limits a key named {name.strip()!r}, which LLM_HUB_API_KEYS does not "
+                                 f"have (its names: {known})")
         return value
 
     def keys(self) -> dict[str, str]:
         """Key name -> key. A bare key is named by a hash prefix, so logs never show it."""
-        named: dict[str, str] = {}
-        for entry in self.api_keys:
-            name, sep, key = entry.partition(":")
-            if not sep:
-                name, key = "key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
-            named[name.strip()] = key.strip()
-        return named
+        return dict(split_key(entry) for entry in self.api_keys)
 
     def limit_for(self, key_name: str) -> str:
         """The tool-call limit of one key, falling back to the default."""
@@ -107,3 +139,11 @@ class GatewaySettings(BaseSettings):
             if name.strip() == key_name:
                 return limit.strip()
         return self.rate_limit
+
+
+def split_key(entry: str) -> tuple[str, str]:
+    """One LLM_HUB_API_KEYS entry as (name, key). A bare key is named by a hash prefix, so logs never show it."""
+    name, sep, key = entry.partition(":")
+    if not sep:
+        return "key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
+    return name.strip(), key.strip()

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx2
 import mcp_types as types
 from mcp.shared.inbound import (
@@ -38,6 +39,8 @@ CLIENT_INFO = {"name": "llm-hub-gateway", "version": __version__}
 # never written onto a connection the bridge is closing.
 KEEPALIVE_SECONDS = 3.0
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# The bridge ends a call's stream right after its result; this long at most is spent reading that end.
+_FINISH_SECONDS = 1.0
 
 Progress = Callable[[float, float | None, str | None], Awaitable[None]]
 
@@ -92,6 +95,8 @@ class BridgeClient:
                 max_connections=connections, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_SECONDS
             ),
         )
+        # Joined once: merging a relative "/mcp" into the base URL is half of building each request.
+        self._mcp_url = self.http.base_url.join("mcp")
         self._ids = itertools.count(1)
 
     async def aclose(self) -> None:
@@ -121,7 +126,7 @@ class BridgeClient:
         """
         with _mapped(self.name):
             async with self.http.stream(
-                "POST", "/mcp", content=body, headers=headers, timeout=timeout or httpx2.USE_CLIENT_DEFAULT
+                "POST", self._mcp_url, content=body, headers=headers, timeout=timeout or httpx2.USE_CLIENT_DEFAULT
             ) as response:
                 if response.status_code >= 500:
                     raise BridgeDown(f"bridge {self.name} answered HTTP {response.status_code}")
@@ -137,7 +142,8 @@ class BridgeClient:
         params["_meta"] = modern_meta({**meta, "progressToken": 1})
         body, headers = self._request("tools/call", params)
         async with self.post(body, headers) as response:
-            async for message in self._messages(response):
+            messages = self._messages(response)
+            async for message in messages:
                 if isinstance(message, types.JSONRPCNotification):
                     if message.method == "notifications/progress" and progress is not None:
                         update = types.ProgressNotificationParams.model_validate(message.params or {})
@@ -147,9 +153,11 @@ class BridgeClient:
                     raise CallRejected(message.error)
                 if isinstance(message, types.JSONRPCResponse):
                     try:
-                        return types.CallToolResult.model_validate(message.result)
+                        result = types.CallToolResult.model_validate(message.result)
                     except ValidationError:
                         raise CallFailed(f"bridge {self.name} answered the call with an unreadable result") from None
+                    await _finish(messages)
+                    return result
         raise CallFailed(f"bridge {self.name} ended its answer without a result")
 
     async def list_tools(self) -> list[types.Tool]:
@@ -232,6 +240,19 @@ class _mapped:
             where = "in the middle of its answer" if self.mid_answer else "before answering"
             raise BridgeDown(f"bridge {self.name} closed the connection {where} ({_reason(exc)})") from exc
         raise CallFailed(f"bridge {self.name}: {_reason(exc)}") from exc
+
+
+async def _finish(messages: AsyncIterator[types.JSONRPCMessage]) -> None:
+    """Read an answer to its end once its result is in, so its connection goes back to the pool:
+    httpx2 closes a connection whose response is closed unread, and every call would open a new
+    one. Nothing after the result can change the call, so a failure here, or a stream the bridge
+    keeps open past `_FINISH_SECONDS`, only costs that connection, as before."""
+    with anyio.move_on_after(_FINISH_SECONDS):
+        try:
+            async for _ in messages:
+                pass
+        except Exception:  # noqa: BLE001 - the call already has its result
+            pass
 
 
 def _out_of_resources(exc: BaseException) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ import mcp_types as types
 from loguru import logger
 
 from mcp_server.errors import BadUpstreamResponse, LMStudioError, UpstreamTimeout
-from mcp_server.lmstudio import LMStudioClient
+from mcp_server.jsonsafe import sendable_text
+from mcp_server.lmstudio import LMStudioClient, Unreadable, unreadable_answer
 from mcp_server.tools import ChatArgs, CompleteArgs, EmbedArgs, ModelTool
 
 Report = Callable[[float, str | None], Awaitable[None]]
@@ -70,11 +72,65 @@ class Generation:
         }
 
 
-def _piece(choice: dict[str, Any]) -> str | None:
-    delta = choice.get("delta")
-    if isinstance(delta, dict):
-        return delta.get("content")
-    return choice.get("text")  # /v1/completions chunks
+def _kind(value: Any) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), "a number"
+    )
+
+
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def read_usage(usage: Any) -> dict[str, int]:
+    """The token counts of a `usage` object (other keys dropped: they are not in the output schema)."""
+    if not isinstance(usage, dict):
+        raise Unreadable(f"`usage` is {_kind(usage)}, not an object")
+    counts = {}
+    for key in _USAGE_KEYS:
+        if (value := usage.get(key)) is not None:
+            # Beyond 2**53 a count is no count, and JavaScript clients could not hold it exactly.
+            if type(value) is not int or not 0 <= value < 2**53:
+                raise Unreadable(f"`usage.{key}` is not a token count")
+            counts[key] = value
+    return counts
+
+
+def read_chunk(chunk: Any, gen: Generation) -> str:
+    """Record one streamed chunk's finish reason and usage on `gen`; return the text it adds.
+
+    Every shape is checked, since whatever gets through ends up in a result the client validates
+    against the output schema, or in a crash.
+    """
+    if type(chunk) is not dict:
+        raise Unreadable(f"a streamed chunk is {_kind(chunk)}, not an object")
+    if (usage := chunk.get("usage")) is not None:
+        gen.usage = read_usage(usage)
+    choices = chunk.get("choices")
+    if choices is None:
+        return ""
+    if type(choices) is not list:
+        raise Unreadable(f"`choices` is {_kind(choices)}, not a list")
+    text = ""
+    for choice in choices:
+        if type(choice) is not dict:
+            raise Unreadable(f"a choice is {_kind(choice)}, not an object")
+        delta = choice.get("delta")
+        if delta is None:
+            piece, where = choice.get("text"), "text"  # /v1/completions chunks
+        elif type(delta) is dict:
+            piece, where = delta.get("content"), "delta.content"
+        else:
+            raise Unreadable(f"`delta` is {_kind(delta)}, not an object")
+        if piece is not None:
+            if type(piece) is not str:
+                raise Unreadable(f"`{where}` is {_kind(piece)}, not text")
+            text += piece
+        reason = choice.get("finish_reason")
+        if reason is not None and type(reason) is not str:
+            raise Unreadable(f"`finish_reason` is {_kind(reason)}, not text")
+        if reason:
+            gen.finish_reason = sendable_text(reason)
+    return sendable_text(text)
 
 
 async def _stream(client: LMStudioClient, path: str, body: dict[str, Any], gen: Generation, report: Report,
@@ -119,15 +175,14 @@ async def _stream(client: LMStudioClient, path: str, body: dict[str, Any], gen: 
         body_with_usage = {**body, "stream_options": {"include_usage": True}}
         async with client.stream(path, body_with_usage) as chunks:
             async for chunk in chunks:
-                if usage := chunk.get("usage"):
-                    gen.usage = usage
-                for choice in chunk.get("choices") or ():
-                    if piece := _piece(choice):
-                        gen.add(piece)
-                        pending.append(piece)
-                        wake.set()
-                    if reason := choice.get("finish_reason"):
-                        gen.finish_reason = reason
+                try:
+                    piece = read_chunk(chunk, gen)
+                except Unreadable as exc:
+                    raise unreadable_answer(path, exc) from None
+                if piece:
+                    gen.add(piece)
+                    pending.append(piece)
+                    wake.set()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(send)
@@ -160,10 +215,12 @@ async def generate(client: LMStudioClient, tool: ModelTool, args: ChatArgs | Com
         with anyio.fail_after(timeout):
             await _stream(client, path, body, gen, report, heartbeat)
     except TimeoutError:
-        raise UpstreamTimeout(
+        timed_out = UpstreamTimeout(
             f"{tool.model.id} did not finish within {timeout:g} s (LLM_HUB_REQUEST_TIMEOUT); "
             f"{gen.tokens} tokens had arrived. Ask for fewer tokens or raise the timeout."
-        ) from None
+        )
+        timed_out.partial = gen.text
+        raise timed_out from None
     except LMStudioError as exc:
         exc.partial = gen.text
         raise
@@ -176,17 +233,46 @@ async def embed(client: LMStudioClient, tool: ModelTool, args: EmbedArgs, *, tim
             payload = await client.post_json("/v1/embeddings", args.request_body(tool.model.id))
     except TimeoutError:
         raise UpstreamTimeout(f"{tool.model.id} did not answer within {timeout:g} s (LLM_HUB_REQUEST_TIMEOUT).") from None
+    texts = 1 if isinstance(args.input, str) else len(args.input)
     try:
-        rows = sorted(payload["data"], key=lambda row: row.get("index", 0))
-        vectors = [list(map(float, row["embedding"])) for row in rows]
-    except (KeyError, TypeError, ValueError):
-        raise BadUpstreamResponse("LM Studio's embeddings answer has no readable `data[].embedding`.") from None
-    return {
-        "model": tool.model.id,
-        "embeddings": vectors,
-        "dimensions": len(vectors[0]) if vectors else 0,
-        "usage": payload.get("usage") or {},
-    }
+        vectors = read_embeddings(payload, texts)
+        usage = read_usage(payload["usage"]) if payload.get("usage") is not None else {}
+    except Unreadable as exc:
+        raise unreadable_answer("/v1/embeddings", exc) from None
+    return {"model": tool.model.id, "embeddings": vectors, "dimensions": len(vectors[0]), "usage": usage}
+
+
+def read_embeddings(payload: dict[str, Any], texts: int) -> list[list[float]]:
+    """One vector per input text, in input order, from an embeddings answer."""
+    rows = payload.get("data")
+    if type(rows) is not list:
+        raise Unreadable(f"`data` is {_kind(rows)}, not a list")
+    if len(rows) != texts:
+        raise Unreadable(f"it holds {len(rows)} embeddings for {texts} input text(s)")
+    indexed = []
+    for position, row in enumerate(rows):
+        if type(row) is not dict:
+            raise Unreadable(f"`data[{position}]` is {_kind(row)}, not an object")
+        index = row.get("index", position)
+        if type(index) is not int:
+            raise Unreadable(f"`data[{position}].index` is {_kind(index)}, not a whole number")
+        raw = row.get("embedding")
+        if type(raw) is not list or not all(type(x) in (float, int) for x in raw):
+            raise Unreadable(f"`data[{position}].embedding` is not a list of numbers")
+        try:
+            vector = [float(x) for x in raw]
+        except OverflowError:
+            vector = [math.inf]
+        if not all(map(math.isfinite, vector)):
+            raise Unreadable(f"`data[{position}].embedding` holds a number JSON cannot carry")
+        indexed.append((index, vector))
+    indexed.sort(key=lambda item: item[0])
+    if [index for index, _ in indexed] != list(range(texts)):
+        raise Unreadable("its `index` values are not one per input text")
+    vectors = [vector for _, vector in indexed]
+    if len({len(v) for v in vectors}) != 1 or not vectors[0]:
+        raise Unreadable("its embeddings are empty or of different lengths")
+    return vectors
 
 
 def generation_result(gen: Generation, wants_json: bool) -> types.CallToolResult:

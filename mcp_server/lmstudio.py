@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx2
+from loguru import logger
 
 from mcp_server.errors import (
     AuthRequired,
@@ -23,6 +24,7 @@ from mcp_server.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from mcp_server.jsonsafe import sendable_text, unsendable
 
 ApiFlavour = Literal["lmstudio-v1", "lmstudio-v0", "openai"]
 ModelKind = Literal["llm", "embedding"]
@@ -48,6 +50,8 @@ class ModelInfo:
     architecture: str | None = None
     publisher: str | None = None
     capabilities: tuple[str, ...] = field(default_factory=tuple)
+    slots: int | None = None
+    """Predictions the loaded instances run at once (only LM Studio's v1 listing reports it)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -63,12 +67,70 @@ class ModelInfo:
         }
 
 
-def _parse_v1(payload: dict[str, Any]) -> list[ModelInfo]:
+# LM Studio runs 4 predictions at once per loaded instance unless told otherwise ("Max Concurrent
+# Predictions"); versions before `config.parallel` was reported use that default too.
+_DEFAULT_PARALLEL = 4
+
+
+class Unreadable(Exception):
+    """Part of LM Studio's answer is not in the documented shape; the message says which part.
+
+    Raised by the parsers; their callers turn it into `unreadable_answer(...)`, naming the endpoint.
+    """
+
+
+def unreadable_answer(where: str, exc: Unreadable) -> BadUpstreamResponse:
+    return BadUpstreamResponse(
+        f"LM Studio's answer from {where} could not be read: {exc}. Check that LMSTUDIO_URL points at "
+        "LM Studio or another OpenAI-compatible server; its log may say more."
+    )
+
+
+# Listings are parsed field by field: optional metadata of the wrong type counts as absent (it
+# only decorates a tool's description), while a listing whose models or ids cannot be read is
+# refused, so the registry keeps its last good tools rather than offering garbage.
+
+
+def _entries(payload: Any, key: str) -> list[dict[str, Any]]:
+    entries = payload.get(key) if isinstance(payload, dict) else None
+    if not isinstance(entries, list):
+        raise Unreadable(f"`{key}` is missing or not a list")
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise Unreadable(f"`{key}` holds an entry that is not an object")
+    return entries
+
+
+def _model_id(raw: dict[str, Any], key: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value or unsendable(value) is not None:
+        raise Unreadable(f"a model's `{key}` is not a usable name")
+    return value
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value and unsendable(value) is None else None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _instance_configs(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `config` of each loaded instance ({} where it has none): as many as are loaded."""
+    instances = raw.get("loaded_instances")
+    if not isinstance(instances, list):
+        return []
+    configs = [instance.get("config") for instance in instances if isinstance(instance, dict)]
+    return [config if isinstance(config, dict) else {} for config in configs]
+
+
+def _parse_v1(payload: Any) -> list[ModelInfo]:
     models = []
-    for raw in payload["models"]:
-        instances = raw.get("loaded_instances") or []
-        loaded_ctx = next((i.get("config", {}).get("context_length") for i in instances), None)
-        caps = raw.get("capabilities") or {}
+    for raw in _entries(payload, "models"):
+        configs = _instance_configs(raw)
+        loaded_ctx = next((ctx for c in configs if (ctx := _count(c.get("context_length")))), None)
+        caps = raw.get("capabilities")
+        caps = caps if isinstance(caps, dict) else {}
         capabilities = tuple(
             name
             for name, present in (
@@ -81,62 +143,84 @@ def _parse_v1(payload: dict[str, Any]) -> list[ModelInfo]:
         quant = raw.get("quantization")
         models.append(
             ModelInfo(
-                id=raw["key"],
+                id=_model_id(raw, "key"),
                 kind="embedding" if raw.get("type") == "embedding" else "llm",
-                display_name=raw.get("display_name"),
-                loaded=bool(instances),
-                context_length=loaded_ctx or raw.get("max_context_length"),
-                quantization=quant.get("name") if isinstance(quant, dict) else quant,
-                architecture=raw.get("architecture"),
-                publisher=raw.get("publisher"),
+                display_name=_text(raw.get("display_name")),
+                loaded=bool(configs),
+                context_length=loaded_ctx or _count(raw.get("max_context_length")),
+                quantization=_text(quant.get("name") if isinstance(quant, dict) else quant),
+                architecture=_text(raw.get("architecture")),
+                publisher=_text(raw.get("publisher")),
                 capabilities=capabilities,
+                slots=sum(_count(c.get("parallel")) or _DEFAULT_PARALLEL for c in configs) or None,
             )
         )
     return models
 
 
-def _parse_v0(payload: dict[str, Any]) -> list[ModelInfo]:
+def _parse_v0(payload: Any) -> list[ModelInfo]:
     models = []
-    for raw in payload["data"]:
+    for raw in _entries(payload, "data"):
         kind = raw.get("type")
-        capabilities = tuple(raw.get("capabilities") or ())
+        listed = raw.get("capabilities")
+        capabilities = tuple(c for c in listed if _text(c)) if isinstance(listed, list) else ()
         if kind == "vlm" and "vision" not in capabilities:
             capabilities = ("vision", *capabilities)
         models.append(
             ModelInfo(
-                id=raw["id"],
+                id=_model_id(raw, "id"),
                 kind="embedding" if kind in ("embeddings", "embedding") else "llm",
                 loaded=raw.get("state") == "loaded",
-                context_length=raw.get("max_context_length"),
-                quantization=raw.get("quantization"),
-                architecture=raw.get("arch"),
-                publisher=raw.get("publisher"),
+                context_length=_count(raw.get("max_context_length")),
+                quantization=_text(raw.get("quantization")),
+                architecture=_text(raw.get("arch")),
+                publisher=_text(raw.get("publisher")),
                 capabilities=capabilities,
             )
         )
     return models
 
 
-def _parse_openai(payload: dict[str, Any]) -> list[ModelInfo]:
+def _parse_openai(payload: Any) -> list[ModelInfo]:
     # The OpenAI listing has no type: embedding models are recognised by name, as LM Studio's own ids
     # (text-embedding-nomic-embed-text-v1.5, ...) and llama.cpp aliases conventionally carry "embed".
-    return [
-        ModelInfo(
-            id=raw["id"],
-            kind="embedding" if "embed" in raw["id"].lower() else "llm",
-            publisher=raw.get("owned_by"),
+    models = []
+    for raw in _entries(payload, "data"):
+        model_id = _model_id(raw, "id")
+        models.append(
+            ModelInfo(
+                id=model_id,
+                kind="embedding" if "embed" in model_id.lower() else "llm",
+                publisher=_text(raw.get("owned_by")),
+            )
         )
-        for raw in payload["data"]
-    ]
+    return models
 
 
 _PARSERS = {"lmstudio-v1": _parse_v1, "lmstudio-v0": _parse_v0, "openai": _parse_openai}
 
 
+def parse_listing(flavour: ApiFlavour, payload: Any) -> list[ModelInfo]:
+    """The models in one listing surface's answer; raises `Unreadable` if they cannot be read."""
+    return _PARSERS[flavour](payload)
+
+KEEPALIVE_EXPIRY = 3.0
+"""Seconds an idle connection to LM Studio is kept for reuse. LM Studio (like uvicorn and most
+servers) closes idle connections after about 5 s; dropping ours first means a request is rarely
+sent on a connection the server is closing at that very moment."""
+
+# Failures that happen before any answer arrives, most often a kept-alive connection the server
+# closed just as it was reused; timeouts are not among them (LM Studio may be busy, not gone).
+_RETRY_ONCE = (httpx2.ConnectError, httpx2.WriteError, httpx2.ReadError, httpx2.RemoteProtocolError)
+
+
 class LMStudioClient:
     """Async client for one LM Studio server. Use as an async context manager."""
 
-    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(
+        self, base_url: str, *, token: str | None = None, timeout: float = 300.0,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -144,7 +228,7 @@ class LMStudioClient:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx2.Timeout(timeout, connect=min(5.0, timeout)),
-            limits=httpx2.Limits(max_connections=64, max_keepalive_connections=16),
+            limits=httpx2.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=keepalive_expiry),
         )
         self.flavour: ApiFlavour | None = None
 
@@ -161,38 +245,71 @@ class LMStudioClient:
         order = list(_LISTING_PATHS)
         if self.flavour is not None:
             order.sort(key=lambda item: item[0] != self.flavour)
-        last: LMStudioError | None = None
+        missing: LMStudioError | None = None
+        unreadable: BadUpstreamResponse | None = None
         for flavour, path in order:
             try:
                 payload = await self._get_json(path)
-                models = _PARSERS[flavour](payload)
             except (ModelNotFound, UpstreamError) as exc:
-                last = exc  # this surface does not exist here (404/405...): try the next one
+                missing = exc  # this surface does not exist here (404/405...): try the next one
                 continue
-            except (KeyError, TypeError, AttributeError) as exc:
-                last = BadUpstreamResponse(f"{self.base_url}{path} answered with an unexpected shape ({exc!r}).")
+            if isinstance(payload, dict) and "error" in payload:
+                # LM Studio before 0.4 answers endpoints it lacks with 200 and an error body.
+                missing = UpstreamError(f"{self.base_url} does not serve {path}.")
                 continue
+            try:
+                models = parse_listing(flavour, payload)
+            except Unreadable as exc:
+                unreadable = unreadable_answer(f"{self.base_url}{path}", exc)
+                continue  # a poorer surface may still be readable
             self.flavour = flavour
-            return models
-        assert last is not None
-        raise last
+            # An id listed twice would make two tools for one model: the first entry counts.
+            unique: dict[str, ModelInfo] = {}
+            for model in models:
+                unique.setdefault(model.id, model)
+            return list(unique.values())
+        # A garbled answer says more about what is wrong than the surfaces that do not exist.
+        raise unreadable or missing  # type: ignore[misc]
 
     async def _get_json(self, path: str) -> Any:
-        with self._mapped_errors():
-            response = await self._http.get(path)
+        response = await self._fetch(self._http.build_request("GET", path))
         self._raise_for_status(response)
         return self._json(response)
+
+    async def _fetch(self, request: httpx2.Request) -> httpx2.Response:
+        """A whole answer; a failure while its body arrives is not retried (see `_send`)."""
+        with self._mapped_errors():
+            response = await self._send(request)
+        with self._mapped_errors(mid_stream=True):
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        return response
+
+    async def _send(self, request: httpx2.Request) -> httpx2.Response:
+        """Send `request` and wait for the answer's status and headers, not its body.
+
+        Sent once more if it failed before any answer arrived (see `_RETRY_ONCE`): nothing of the
+        answer reached anyone, so sending again cannot repeat text a caller has, and httpx2 has
+        dropped the failed connection, so the retry goes out on another one.
+        """
+        try:
+            return await self._http.send(request, stream=True)
+        except _RETRY_ONCE as exc:
+            logger.debug("LM Studio request {} failed before answering ({}); retrying once", request.url.path,
+                         type(exc).__name__)
+            return await self._http.send(request, stream=True)
 
     # -- inference -----------------------------------------------------------------------
 
     async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streamed inference request (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`)."""
-        with self._mapped_errors():
-            response = await self._http.post(path, json=body)
+        response = await self._fetch(self._http.build_request("POST", path, json=body))
         self._raise_for_status(response)
         payload = self._json(response)
         if not isinstance(payload, dict):
-            raise BadUpstreamResponse(f"LM Studio answered {path} with JSON that is not an object.")
+            raise unreadable_answer(path, Unreadable("it is not a JSON object"))
         return payload
 
     @asynccontextmanager
@@ -202,12 +319,16 @@ class LMStudioClient:
         Leaving the context (normally, on error or on cancellation) closes the HTTP response,
         which is how LM Studio learns to stop generating.
         """
+        request = self._http.build_request("POST", path, json={**body, "stream": True})
         with self._mapped_errors():
-            async with self._http.stream("POST", path, json={**body, "stream": True}) as response:
+            response = await self._send(request)
+            try:
                 if response.status_code >= 400:
                     await response.aread()
                     self._raise_for_status(response)
                 yield self._chunks(response)
+            finally:
+                await response.aclose()
 
     async def _chunks(self, response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
         done = False
@@ -224,7 +345,7 @@ class LMStudioClient:
                 try:
                     chunk = json.loads(data)
                 except json.JSONDecodeError:
-                    raise BadUpstreamResponse("LM Studio sent a streamed chunk that is not valid JSON.") from None
+                    raise unreadable_answer(response.request.url.path, Unreadable("a streamed chunk is not valid JSON")) from None
                 if isinstance(chunk, dict) and "error" in chunk:
                     raise _error_from_envelope(chunk, response.status_code, self.base_url)
                 yield chunk
@@ -293,6 +414,7 @@ def _error_from_envelope(payload: Any, status: int, base_url: str) -> LMStudioEr
         code = str(error.get("code") or "")
     else:
         message, code = (str(error) if error else ""), ""
+    message = sendable_text(message)  # it reaches the caller
     lowered = message.lower()
     if status in (401, 403) or code == "invalid_api_key":
         return AuthRequired(

@@ -33,6 +33,8 @@ class ModelRegistry:
         self.reachable = False
         self.last_poll: datetime | None = None
         self.last_error: str | None = None
+        self.discovered = anyio.Event()
+        """Set once the first poll has ended, whatever its outcome."""
         self._listeners: list[ChangeListener] = []
         self._poke = anyio.Event()
         self._refresh_lock = anyio.Lock()
@@ -56,6 +58,7 @@ class ModelRegistry:
                 self.reachable = False
                 self.last_error = str(exc)
                 self.last_poll = datetime.now(UTC)
+                self.discovered.set()
                 return False
             if not self.reachable:
                 logger.info("LM Studio reachable at {} ({} API)", self.client.base_url, self.client.flavour)
@@ -77,6 +80,7 @@ class ModelRegistry:
                     "tool catalog v{}: {} tools (+{} -{}) in {:.0f} ms",
                     self.version, len(tools), len(added), len(removed), (time.monotonic() - started) * 1000,
                 )
+            self.discovered.set()
         if changed:
             for listener in self._listeners:
                 await listener()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,6 +26,26 @@ def _split_commas(value: object) -> object:
 
 def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
+
+
+def http_url(value: str, example: str) -> str:
+    """`value` without a trailing slash, if a client can connect to it: http(s), a host, a port that exists.
+    Shared with the gateway's settings."""
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a URL ({exc}), e.g. {example}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r} must start with http:// or https://, e.g. {example}")
+    if not parts.hostname:
+        raise ValueError(f"{value!r} has no host name, e.g. {example}")
+    try:
+        port = parts.port  # raises for a port that is not a number, or above 65535
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(f"{value!r} has no usable port (1 to 65535), e.g. {example}")
+    return value.rstrip("/")
 
 
 # Shared with the gateway's settings: lists are comma-separated in the environment, not JSON.
@@ -62,6 +83,12 @@ class BridgeSettings(BaseSettings):
     heartbeat_interval: float = Field(
         5.0, gt=0, le=5, description="Seconds between keep-alive progress updates while no text arrives."
     )
+    first_list_wait: float = Field(
+        5.0, ge=0, description="Seconds the first tools/list may wait for the first model discovery to end."
+    )
+    parallel_slots: int = Field(
+        4, ge=1, description="Calls a model serves at once, when LM Studio does not say (published in /health)."
+    )
     include_models: CommaList = Field(["*"], description="Globs on the model id: only these become tools.")
     exclude_models: CommaList = Field([], description="Globs on the model id: these never become tools.")
     tools: Annotated[list[ToolKind], NoDecode, BeforeValidator(_split_commas)] = Field(
@@ -84,9 +111,10 @@ class BridgeSettings(BaseSettings):
     @field_validator("lmstudio_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        url = http_url(value, example="http://localhost:1234")
+        if url.endswith("/v1"):  # what OpenAI guides give as the base URL; the client adds /v1 itself
+            raise ValueError(f"{value!r} ends in /v1, which llm-hub adds itself: use {url.removesuffix('/v1')}")
+        return url
 
     @property
     def is_loopback(self) -> bool:

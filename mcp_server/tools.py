@@ -13,6 +13,7 @@ from typing import Any, Literal
 import mcp_types as types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mcp_server.jsonsafe import unsendable
 from mcp_server.lmstudio import ModelInfo
 from mcp_server.settings import ToolKind
 
@@ -108,6 +109,10 @@ class InvalidArguments(Exception):
 
 
 def parse_arguments(tool_name: str, model: type[_Args], arguments: dict[str, Any] | None) -> Any:
+    # Before validation: pydantic would accept a lone surrogate or NaN (where a float is allowed)
+    # and the request to LM Studio would then fail to encode.
+    if (problem := unsendable(arguments or {})) is not None:
+        raise InvalidArguments(f"Invalid arguments for {tool_name}: {problem}")
     try:
         return model.model_validate(arguments or {})
     except ValidationError as exc:

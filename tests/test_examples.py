@@ -1,12 +1,15 @@
 """Every file in examples/ run as written: the curl script and both Python clients against a real
-fake-LM-Studio -> bridge process -> gateway process topology, and each host's configuration file
-parsed, checked for that host's shape, and its servers launched or connected as the host would."""
+fake-LM-Studio -> bridge process -> gateway process topology, and each host's configuration (the
+files, and the README's) parsed, checked for that host's shape, and its servers launched or
+connected as the host would: from this checkout, or with uv from the git URL (this checkout
+standing in for it), as nothing is published under llm-hub's name yet."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import sys
 import tomllib
 from collections.abc import AsyncIterator
@@ -28,7 +31,6 @@ from tests.conftest import (
     bridge_process,
     free_port,
     gateway_process,
-    llm_hub_command,
 )
 from tests.fake_lmstudio import FakeLMStudio, FakeModel, serve
 
@@ -90,9 +92,9 @@ def clean_env(**values: str) -> dict[str, str]:
     return {**env, **values}
 
 
-async def run(command: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+async def run(command: list[str], env: dict[str, str], seconds: float = 60) -> tuple[int, str, str]:
     """Run an example to completion without blocking the event loop the fake LM Studio runs on."""
-    with anyio.fail_after(60):
+    with anyio.fail_after(seconds):
         done = await anyio.run_process(command, env=env, check=False, cwd=ROOT)
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
@@ -219,6 +221,20 @@ CONFIGS = {  # file, from the repository root -> the key holding its servers
     "examples/vscode-mcp.json": "servers",
 }
 INPUT = re.compile(r"\$\{input:([^}]+)\}")
+CHECKOUT = "/Users/YOU/llm-hub"  # the placeholder for where the user's checkout is
+
+
+def readme_configs() -> dict[str, dict[str, Any]]:
+    """The JSON blocks of the README's "Desktop hosts" section, by position."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Desktop hosts\n"):]
+    section = section[: section.index("\n## ", 1)]
+    blocks = re.findall(r"^```json\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
+    assert blocks, "the README shows no host configuration"
+    return {f"README.md, Desktop hosts, block {i}": json.loads(block) for i, block in enumerate(blocks, 1)}
+
+
+README_CONFIGS = readme_configs()
 
 
 def test_every_example_is_checked_and_listed_in_the_readme() -> None:
@@ -230,16 +246,18 @@ def test_every_example_is_checked_and_listed_in_the_readme() -> None:
 
 
 def servers_of(name: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The file's stdio and HTTP server entries, after checking the host's shape."""
-    document = json.loads((ROOT / name).read_text())
-    key = CONFIGS[name]
+    """The configuration's stdio and HTTP server entries, after checking the host's shape."""
+    if name in README_CONFIGS:  # Claude Desktop's, Cursor's or LM Studio's: one shape
+        document, key = README_CONFIGS[name], "mcpServers"
+    else:
+        document, key = json.loads((ROOT / name).read_text()), CONFIGS[name]
     assert set(document) <= {key, "inputs"} and document[key], document
     stdio, http = {}, {}
     for server, entry in document[key].items():
         if "command" in entry:
             assert set(entry) <= {"type", "command", "args", "env"}, entry
             assert entry.get("type", "stdio") == "stdio"
-            assert all(isinstance(a, str) for a in entry["args"])
+            assert all(isinstance(a, str) for a in entry.get("args", []))
             assert all(isinstance(v, str) for v in entry.get("env", {}).values())
             stdio[server] = entry
         else:
@@ -255,41 +273,58 @@ def servers_of(name: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str
         assert "inputs" not in document
     if name.startswith("claude_desktop"):
         assert not http, "Claude Desktop's config file launches stdio servers only"
-    else:
+    elif name in CONFIGS:
         assert http, "show the gateway over HTTP too"
     assert stdio
     return stdio, http
 
 
-def uvx_program(entry: dict[str, Any]) -> tuple[str, list[str]]:
-    """The program `uvx` runs for this entry, and its arguments (uvx's own options skipped)."""
-    command = entry["command"]
+def uvx() -> str:
+    found = Path(sys.executable).with_name("uvx")
+    return str(found) if found.exists() else shutil.which("uvx") or pytest.fail("uvx missing: pip install -e '.[test]'")
+
+
+def index_access() -> dict[str, str]:
+    """What this machine's processes need to reach the package index (its certificates, a proxy), which the
+    SDK leaves out of a server's environment and a desktop host has from its own machine."""
+    wanted = ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+    return {k: v for k, v in os.environ.items() if k.upper() in wanted or k.startswith("UV_")}
+
+
+def launch(entry: dict[str, Any]) -> tuple[str, list[str]]:
+    """What a host runs for this entry, on this machine: the checkout's console script, or uvx taking
+    llm-hub from this checkout where the entry names its git URL."""
+    command, args = entry["command"], list(entry.get("args", []))
     path = PureWindowsPath(command) if "\\" in command else PurePosixPath(command)
-    assert path.is_absolute(), f"desktop hosts do not inherit PATH: give uvx's absolute path, not {command!r}"
-    assert path.name in {"uvx", "uvx.exe"}, command
-    args = list(entry["args"])
-    while args and args[0].startswith("-"):
-        option = args.pop(0)
-        if option in {"--from", "--with", "--python", "-p"}:
-            args.pop(0)
-    assert args, entry
-    return args[0], args[1:]
+    assert path.is_absolute(), f"desktop hosts do not inherit PATH: give an absolute path, not {command!r}"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    if path.name in {"uvx", "uvx.exe"}:
+        assert args[:1] == ["--from"] and args[1].startswith("git+https://"), \
+            f"llm-hub is not on PyPI yet: uvx must take it --from its git URL, not {args}"
+        assert args[2] in scripts, args
+        return uvx(), ["--from", str(ROOT), *args[2:]]
+    assert command == f"{CHECKOUT}/.venv/bin/llm-hub", f"the console script in a checkout's .venv, not {command!r}"
+    installed = ROOT / ".venv" / "bin" / "llm-hub"
+    if not installed.exists():
+        pytest.fail(f"{installed} is missing: make it as the README says (python3 -m venv .venv && "
+                    ".venv/bin/pip install -e '.[test]')")
+    return str(installed), args
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", [*sorted(CONFIGS), *README_CONFIGS])
 async def test_config_servers_start_and_connect(name: str, topology: Topology) -> None:
     stdio, http = servers_of(name)
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
     for entry in stdio.values():
-        program, args = uvx_program(entry)
-        assert program == "llm-hub" and program in scripts
-        installed = Path(llm_hub_command())
-        assert installed.exists() and installed.parent == Path(sys.executable).parent
-        # Launch it as the host would, with uvx resolved to the console script it runs, and the
-        # entry's environment (LM Studio's address pointed at the fake).
-        env = {**entry.get("env", {}), "LMSTUDIO_URL": topology.lmstudio}
-        async with Client(StdioServerParameters(command=str(installed), args=args, env=env)) as client:
+        command, args = launch(entry)
+        env = {**entry.get("env", {}), "LMSTUDIO_URL": topology.lmstudio}  # LM Studio: the fake
+        if command == uvx():
+            env.update(index_access())
+            # uv builds llm-hub from source once: a host's first start waits for that too.
+            code, _, err = await run([command, *args, "--version"], clean_env(), seconds=300)
+            assert code == 0, err[-2000:]
+        # Launch it as the host would, with the entry's environment.
+        async with Client(StdioServerParameters(command=command, args=args, env=env)) as client:
             with anyio.fail_after(10):
                 while CHAT_TOOL not in {t.name for t in (await client.list_tools(cache_mode="refresh")).tools}:
                     await anyio.sleep(0.1)

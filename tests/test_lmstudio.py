@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from mcp_server.errors import AuthRequired, BadUpstreamResponse, ModelNotFound, Unreachable, UpstreamError
-from mcp_server.lmstudio import LMStudioClient
-from tests.conftest import CHAT_MODEL, EMBED_MODEL, default_models
+from mcp_server.lmstudio import LMStudioClient, ModelInfo
+from mcp_server.server import Bridge
+from tests.conftest import CHAT_MODEL, CHAT_TOOL, EMBED_MODEL, bridge_settings, default_models
 from tests.fake_lmstudio import FakeLMStudio, FakeModel, serve
 
 pytestmark = pytest.mark.anyio
@@ -93,3 +101,58 @@ async def test_stream_yields_content_then_usage() -> None:
     text = "".join((c["choices"][0]["delta"].get("content") or "") for c in received if c["choices"])
     assert text == "".join(fake.chunk_text)
     assert received[-1]["choices"] == [] and received[-1]["usage"]["completion_tokens"] == len(fake.chunk_text)
+
+
+def _listing_app(listings: dict[str, Any]) -> Starlette:
+    """Answers GET on each path with its JSON as it is now (escaped: it may hold lone surrogates); else 404."""
+
+    async def answer(request: Request) -> Response:
+        listing = listings.get(request.url.path)
+        if listing is None:
+            return JSONResponse({"error": {"message": "File Not Found", "code": 404}}, status_code=404)
+        return Response(json.dumps(listing), media_type="application/json")
+
+    return Starlette(routes=[Route("/{path:path}", answer)])
+
+
+@pytest.mark.parametrize(
+    ("listing", "says"),
+    [
+        ({"models": "nope"}, "`models` is missing or not a list"),
+        ({"models": [{"key": "a/b"}, ["c/d"]]}, "`models` holds an entry that is not an object"),
+        ({"models": [{"key": 7}]}, "a model's `key` is not a usable name"),
+        ({"models": [{"key": ""}]}, "a model's `key` is not a usable name"),
+        ([1, 2], "`models` is missing or not a list"),
+    ],
+)
+async def test_an_unreadable_listing_names_the_endpoint_and_what_is_wrong(listing: Any, says: str) -> None:
+    async with serve(_listing_app({"/api/v1/models": listing})) as url, LMStudioClient(url) as client:
+        with pytest.raises(BadUpstreamResponse) as caught:
+            await client.list_models()
+    # The garbled surface is named, not the poorer ones that do not exist (404).
+    assert str(caught.value).startswith(f"LM Studio's answer from {url}/api/v1/models could not be read: {says}.")
+
+
+async def test_listing_metadata_of_the_wrong_type_is_left_out() -> None:
+    listing = {"models": [
+        {"key": "a/b", "type": "llm", "display_name": 5, "max_context_length": "4096", "quantization": ["Q4"],
+         "capabilities": ["vision"], "loaded_instances": {"id": "a/b"}, "publisher": "\ud800"},
+        {"key": "c/d", "loaded_instances": [{"config": {"parallel": True, "context_length": 2048}}, "x"]},
+        {"key": "a/b", "display_name": "listed twice"},
+    ]}
+    async with serve(_listing_app({"/api/v1/models": listing})) as url, LMStudioClient(url) as client:
+        first, second = await client.list_models()
+    assert first == ModelInfo("a/b", loaded=False)
+    assert second == ModelInfo("c/d", loaded=True, context_length=2048, slots=4)  # `parallel: true` is no count
+
+
+async def test_the_last_good_tools_stay_while_the_listing_is_unreadable() -> None:
+    good = {"object": "list", "data": [{"id": CHAT_MODEL, "object": "model"}]}
+    listing: dict[str, Any] = {"/v1/models": good}
+    async with serve(_listing_app(listing)) as url, Bridge(bridge_settings(url)) as bridge:
+        registry = bridge.registry
+        assert await registry.refresh() and CHAT_TOOL in registry.tools
+        listing["/v1/models"] = {"object": "list", "data": [{"id": None}]}
+        assert not await registry.refresh()
+        assert CHAT_TOOL in registry.tools and registry.reachable is False
+        assert registry.last_error and "could not be read: a model's `id` is not a usable name" in registry.last_error

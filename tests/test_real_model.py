@@ -25,6 +25,17 @@ if not MODEL_URL:
     pytest.skip("no real model server (set LLM_HUB_TEST_MODEL_URL)", allow_module_level=True)
 
 
+@pytest.mark.parametrize(
+    ("transport", "mode"), [("stdio", "legacy"), ("stdio", "auto"), ("http", "legacy"), ("http", "auto")]
+)
+async def test_the_first_listing_holds_the_model(transport: str, mode: str) -> None:
+    # What a desktop host does: list once, right after connecting, and never again.
+    assert MODEL_URL
+    async with connect_bridge(transport, mode, bridge_settings(MODEL_URL)) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+    assert TOOL in names
+
+
 @pytest.mark.parametrize(("transport", "mode"), [("stdio", "legacy"), ("stdio", "auto"), ("http", "auto")])
 async def test_real_model_generates_text_with_progress(transport: str, mode: str) -> None:
     assert MODEL_URL

@@ -112,3 +112,33 @@ def test_schemas_have_no_null_branches() -> None:
     schema = ChatArgs.model_json_schema()
     assert "anyOf" not in schema["properties"]["temperature"]
     assert "required" not in schema
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"prompt": "\ud800"}, "arguments.prompt holds a lone surrogate"),
+        ({"messages": [{"role": "user", "content": "a\udc00"}]}, "arguments.messages[0].content holds a lone surrogate"),
+        ({"prompt": "x", "temperature": float("nan")}, "arguments.temperature is nan"),
+        ({"prompt": "x", "json_schema": {"enum": [float("-inf")]}}, "arguments.json_schema.enum[0] is -inf"),
+        ({"prompt": "x", "\udfff": 1}, "arguments has a key holding a lone surrogate"),
+    ],
+)
+def test_input_that_cannot_be_sent_on_names_the_field(arguments: dict, message: str) -> None:
+    # Checked before pydantic, which would take a lone surrogate (or NaN in `json_schema`) as valid.
+    with pytest.raises(InvalidArguments) as caught:
+        parse_arguments("chat_m", ChatArgs, arguments)
+    assert str(caught.value).startswith(f"Invalid arguments for chat_m: {message}")
+
+
+def test_nesting_too_deep_names_where_it_starts() -> None:
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(InvalidArguments, match=r"^Invalid arguments for chat_m: arguments\.stop\[0\] is nested deeper than 64"):
+        parse_arguments("chat_m", ChatArgs, {"prompt": "x", "stop": deep})
+    shallow: list = []
+    for _ in range(60):
+        shallow = [shallow]
+    with pytest.raises(InvalidArguments, match="stop"):  # within the limit: pydantic's own error
+        parse_arguments("chat_m", ChatArgs, {"prompt": "x", "stop": shallow})
