@@ -166,10 +166,13 @@ async def test_progress_streams_end_to_end_and_cancellation_reaches_the_bridge(t
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_list_changed_reaches_gateway_clients(tmp_path: Path, mode: str) -> None:
     heard = anyio.Event()
+    resources_heard: list[Any] = []
 
     async def on_message(message: Any) -> None:
         if isinstance(message, types.ToolListChangedNotification):
             heard.set()
+        elif isinstance(message, types.ResourceListChangedNotification):
+            resources_heard.append(message)  # the gateway has no resources: it must not say they changed
 
     async with topology(tmp_path) as top, gateway_client(top, mode, message_handler=on_message) as client:
         await client.list_tools()
@@ -185,6 +188,8 @@ async def test_list_changed_reaches_gateway_clients(tmp_path: Path, mode: str) -
                 await heard.wait()
         names = {t.name for t in (await client.list_tools(cache_mode="refresh")).tools}
         assert "chat_gamma_new" in names
+        assert client.server_capabilities is not None and client.server_capabilities.resources is None
+    assert resources_heard == []
 
 
 async def test_killed_bridge_is_ejected_and_readmitted(tmp_path: Path) -> None:
