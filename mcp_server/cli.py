@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import textwrap
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -352,65 +352,54 @@ def _url(sock: socket.socket) -> str:
 # -- serving -------------------------------------------------------------------------------------------
 
 
+STOP_GRACE = 5.0  # seconds a stop gives the requests in flight before it cuts them
+
+
 async def serve_apps(apps: Sequence[tuple[Any, socket.socket]]) -> None:
     """Serve each ASGI app on its socket until SIGINT or SIGTERM. Each starts once the one before it
     listens, and they stop the other way round: in `up` the gateway first, while its bridge still answers.
-    A second signal stops them at once, without waiting for open connections."""
-    import uvicorn
+    A second signal cuts the requests still running at once, instead of after STOP_GRACE."""
+    import uvicorn  # only when serving over HTTP
 
     class Server(uvicorn.Server):
+        def __init__(self, app: InFlight) -> None:
+            # uvicorn's own cut, which logs an ERROR per request, only comes if ours did not end them.
+            super().__init__(uvicorn.Config(app, log_config=None, access_log=False,
+                                            timeout_graceful_shutdown=STOP_GRACE + 5))
+            self.in_flight = app
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            yield  # the signals are taken below, once for all the servers
+            yield  # the signals are taken once for all the servers: see on_signal
 
-    def stopping() -> bool:
-        return servers[-1].should_exit
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.cut_when_due)
+                await super().shutdown(sockets)
+                tg.cancel_scope.cancel()
 
-    servers = [Server(uvicorn.Config(StreamsEndOnStop(app, stopping), log_config=None, access_log=False,
-                                     timeout_graceful_shutdown=5)) for app, _ in apps]
+        async def cut_when_due(self) -> None:
+            with anyio.move_on_after(STOP_GRACE):
+                while not self.in_flight.hurried:
+                    await anyio.sleep(0.1)
+            if cut := self.in_flight.cut():
+                logger.warning("stopping: cut {} request(s) still running (their callers see them fail)", cut)
 
-    def stop(signum: int, frame: Any) -> None:
-        if servers[-1].should_exit:
-            for server in servers:
-                server.force_exit = True
+    servers = [Server(InFlight(app)) for app, _ in apps]
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # A signal handler only sets flags: the servers poll them.
+        for server in servers:
+            server.in_flight.hurried = server.in_flight.stopping
+            server.in_flight.stopping = True
         servers[-1].handle_exit(signum, frame)  # uvicorn's own, which sse-starlette hooks to end its streams
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         await _serve_in_order([(server, sock) for server, (_, sock) in zip(servers, apps, strict=True)])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-class StreamsEndOnStop:
-    """Finishes the response of an event stream that the server's stop cut short.
-
-    On a stop, sse-starlette ends every open event stream (a client's GET /mcp, a call's progress) by
-    cancelling it, which leaves its HTTP response without its last, empty body: uvicorn then logs an ERROR
-    for each. Sending that body ends the stream for the client as a normal end."""
-
-    def __init__(self, app: Any, stopping: Callable[[], bool]) -> None:
-        self.app = app
-        self.stopping = stopping
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        unfinished = False
-
-        async def send_and_watch(message: Any) -> None:
-            nonlocal unfinished
-            if message["type"] == "http.response.start":
-                unfinished = True
-            elif message["type"] == "http.response.body":
-                unfinished = message.get("more_body", False)
-            await send(message)
-
-        await self.app(scope, receive, send_and_watch)
-        if unfinished and self.stopping():
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _serve_in_order(servers: Sequence[tuple[Any, socket.socket]]) -> None:
@@ -424,6 +413,56 @@ async def _serve_in_order(servers: Sequence[tuple[Any, socket.socket]]) -> None:
             await anyio.sleep(0.02)
         await _serve_in_order(rest)
         server.should_exit = True
+
+
+class InFlight:
+    """An ASGI app's requests in flight, so that a stop ends each of them cleanly.
+
+    uvicorn cancels the requests a stop leaves running with an ERROR for each, and sse-starlette ends
+    every open event stream at once by cancelling it, which leaves its response unfinished (an ERROR
+    again). Here the server cuts what is left after STOP_GRACE itself, and a response that a stop cut
+    short is finished: a stream ends as normal, a request not yet answered gets 503."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.stopping = False
+        self.hurried = False  # asked to stop a second time
+        self._running: set[anyio.CancelScope] = set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = finished = False
+
+        async def send_and_watch(message: Any) -> None:
+            nonlocal started, finished
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body":
+                finished = not message.get("more_body", False)
+            await send(message)
+
+        with anyio.CancelScope() as request:
+            self._running.add(request)
+            try:
+                await self.app(scope, receive, send_and_watch)
+            finally:
+                self._running.discard(request)
+        if finished or not self.stopping:
+            return
+        if not started:
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": b"the server is stopping\n"})
+        else:
+            await send({"type": "http.response.body", "body": b""})
+
+    def cut(self) -> int:
+        """Ends every request still running, and says how many there were."""
+        for request in self._running:
+            request.cancel()
+        return len(self._running)
 
 
 async def _stdio(settings: BridgeSettings) -> None:

@@ -26,6 +26,7 @@ import anyio.abc
 import httpx2
 import pytest
 
+from mcp_server.cli import STOP_GRACE
 from tests.conftest import (
     CHAT_TOOL,
     bridge_process,
@@ -57,10 +58,10 @@ def gateway(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def listening(port: int = 0) -> Iterator[int]:
+def listening() -> Iterator[int]:
     """A port some other program listens on."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))
+        sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield sock.getsockname()[1]
 
@@ -215,7 +216,7 @@ async def test_up_stops_cleanly(tmp_path: Path, signum: int) -> None:
     text = log.read_text()
     assert not problems(text), text
     assert all(json.loads(line) for line in text.splitlines()), "not a terminal: JSON lines"
-    assert took < 5, f"the stop took {took:.1f} s"
+    assert took < STOP_GRACE + 2, f"the stop took {took:.1f} s"
 
 
 @pytest.mark.anyio
@@ -237,7 +238,7 @@ async def test_serve_and_the_gateway_stop_cleanly_with_the_other_attached(tmp_pa
     assert process.returncode == 0
     text = (tmp_path / f"{stopped}.log").read_text()
     assert not problems(text), text
-    assert took < 5, f"the stop took {took:.1f} s"
+    assert took < STOP_GRACE + 2, f"the stop took {took:.1f} s"
 
 
 # -- settings refused at start -------------------------------------------------------------------------

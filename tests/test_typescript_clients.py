@@ -207,7 +207,7 @@ async def test_cancelling_closes_the_lmstudio_stream(node: str, lmstudio: tuple[
         async with run_client(node, CLIENTS[name], url, tmp_path, "cancel") as run:
             cancelled = await run.until("cancelled")
             assert cancelled["outcome"] == "aborted"
-            assert cancelled["first"] == REPLY[0]
+            assert cancelled["first"].startswith(REPLY[0])
             # The client is still connected: only the cancellation can have closed the stream.
             with anyio.fail_after(10):
                 await fake.disconnected.wait()
