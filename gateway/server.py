@@ -23,6 +23,7 @@ from gateway.request_id import current_request_id
 from gateway.router import Router, StreamBroken, Unavailable
 from gateway.settings import GatewaySettings
 from gateway.upstream import CallFailed, CallRejected, GatewayBusy, Progress
+from mcp_server.delivery import ProgressRelay
 from mcp_server.jsonsafe import unsendable
 from mcp_server.notify import ChangeNotifier, ListChangedServer
 from mcp_server.server import REQUEST_ID_META
@@ -129,14 +130,17 @@ class GatewayServer:
         return types.ListToolsResult(tools=self.pool.tools())
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
+        relay = ProgressRelay(ctx)
         progress: Progress | None = None
         if (ctx.meta or {}).get("progress_token") is not None:
 
             async def progress(value: float, total: float | None, message: str | None) -> None:
-                await ctx.session.report_progress(value, total, message)
+                await relay.report(value, message, total)
 
         try:
-            return await self.caller.call(params.name, params.arguments, progress)
+            result = await self.caller.call(params.name, params.arguments, progress)
+            await relay.settle()  # as the bridge does: TypeScript clients drop progress read with the result
+            return result
         except (InvalidInput, UnknownTool) as exc:
             raise MCPError(types.INVALID_PARAMS, str(exc)) from None
         except CallRejected as exc:

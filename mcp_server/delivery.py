@@ -44,8 +44,8 @@ class ProgressRelay:
         self._token = (ctx.meta or {}).get("progress_token") is not None
         self._reported = False
 
-    async def report(self, progress: float, message: str | None) -> None:
-        await self._ctx.session.report_progress(progress, None, message)
+    async def report(self, progress: float, message: str | None, total: float | None = None) -> None:
+        await self._ctx.session.report_progress(progress, total, message)
         # Without a token the SDK sent nothing, and there is nothing to settle.
         self._reported = self._token
 
