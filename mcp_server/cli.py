@@ -314,7 +314,9 @@ class Address:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on accepted sockets whose listener says
+    # TCP, and without it a kept-alive response can wait ~40 ms on Nagle and delayed ACKs.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         if os.name == "posix":
             # A restart can take the port while the last run's connections linger in TIME_WAIT. (On Windows
