@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import anyio
@@ -247,11 +247,8 @@ async def _finish(messages: AsyncIterator[types.JSONRPCMessage]) -> None:
     httpx2 closes a connection whose response is closed unread, and every call would open a new
     one. Nothing after the result can change the call, so a failure here, or a stream the bridge
     keeps open past `_FINISH_SECONDS`, only costs that connection, as before."""
-    with anyio.move_on_after(_FINISH_SECONDS):
-        try:
-            async for _ in messages:
-                pass
-        except Exception:  # noqa: BLE001 - the call already has its result
+    with anyio.move_on_after(_FINISH_SECONDS), suppress(Exception):  # the call already has its result
+        async for _ in messages:
             pass
 
 

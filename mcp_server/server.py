@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -86,6 +87,8 @@ class Bridge:
         )
         self.notifier.attach(self.server)
         self.in_flight: dict[str, int] = {}
+        # Model -> the poll that was the latest when it last answered a call.
+        self._answered: dict[str, datetime | None] = {}
         """Tool calls running now, by model id (published in /health for a gateway's routing)."""
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -172,6 +175,9 @@ class Bridge:
                 )
                 wants_json = isinstance(args, ChatArgs) and args.json_schema is not None
                 result = generation_result(gen, wants_json)
+            # LM Studio answered, so the model is loaded now (it may have just loaded it), whatever
+            # the last poll said: a gateway routing by `serving` should not count it cold until the next.
+            self._answered[model] = self.registry.last_poll
         except LMStudioError as exc:
             if isinstance(exc, ModelNotFound):
                 self.registry.poke()
@@ -254,7 +260,7 @@ class Bridge:
                 "model": model.id,
                 "tools": names[model.id],
                 # A backend that cannot say (the OpenAI listing) serves what it lists.
-                "loaded": model.loaded is not False,
+                "loaded": model.loaded is not False or self._answered.get(model.id) == self.registry.last_poll,
                 "slots": (model.slots if model.loaded else None) or default_slots,
                 "in_flight": self.in_flight.get(model.id, 0),
             }

@@ -1,11 +1,14 @@
 // An MCP client built on the official TypeScript SDK, as TypeScript hosts build theirs.
 //
-//   node client.mjs --sdk v1|v2 [--mode legacy|auto] (--stdio CMD [--arg A ...] | --url URL | --remote URL) SCENARIO ...
+//   node client.mjs --sdk v1|v2 [--mode legacy|auto] (--stdio CMD [--arg A ...] | --url URL | --remote URL)
+//                   [--header 'Name: value' ...] SCENARIO ...
 //
 // --stdio spawns CMD (the bridge) with this process's environment; --url speaks streamable HTTP;
 // --remote spawns mcp-remote in front of URL, as desktop users do for remote servers, and talks to
 // it over stdio. --mode is the version negotiation of SDK v2, or of mcp-remote towards the bridge
 // ("auto" picks 2026-07-28 when offered; "legacy", the default of both, the handshake era).
+// --header goes on every HTTP request (the gateway's "Authorization: Bearer KEY"): set on the
+// transport with --url, handed to mcp-remote as its own --header with --remote, as desktop users do.
 //
 // Scenarios, each printing JSON lines on stdout (the last one is the outcome):
 //   stream --tool T --calls N   N calls with progress; counts those whose messages do not
@@ -28,6 +31,7 @@ const { values: opts, positionals } = parseArgs({
     arg: { type: 'string', multiple: true, default: [] },
     url: { type: 'string' },
     remote: { type: 'string' },
+    header: { type: 'string', multiple: true, default: [] },
     tool: { type: 'string' },
     calls: { type: 'string', default: '1' },
     'busy-ms': { type: 'string', default: '0' },
@@ -64,11 +68,18 @@ function transportFor(sdk) {
   if (opts.stdio) {
     return new sdk.StdioClientTransport({ command: opts.stdio, args: opts.arg, env: { ...process.env }, stderr: 'inherit' });
   }
-  if (opts.url) return new sdk.StreamableHTTPClientTransport(new URL(opts.url));
+  if (opts.url) {
+    const headers = Object.fromEntries(opts.header.map((h) => {
+      const colon = h.indexOf(':');
+      return [h.slice(0, colon).trim(), h.slice(colon + 1).trim()];
+    }));
+    return new sdk.StreamableHTTPClientTransport(new URL(opts.url), { requestInit: { headers } });
+  }
   if (opts.remote) {
     const proxy = createRequire(import.meta.url).resolve('mcp-remote/dist/proxy.js');
-    // http-only: the bridge speaks streamable HTTP only, so no fallback to the old SSE transport.
+    // http-only: the bridge and the gateway speak streamable HTTP only, so no fallback to the old SSE transport.
     const args = [proxy, opts.remote, '--transport', 'http-only', '--protocol', opts.mode, '--silent'];
+    for (const header of opts.header) args.push('--header', header);
     return new sdk.StdioClientTransport({ command: process.execPath, args, env: { ...process.env }, stderr: 'inherit' });
   }
   throw new Error('give --stdio, --url or --remote');
