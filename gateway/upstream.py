@@ -39,8 +39,9 @@ CLIENT_INFO = {"name": "llm-hub-gateway", "version": __version__}
 # never written onto a connection the bridge is closing.
 KEEPALIVE_SECONDS = 3.0
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-# The bridge ends a call's stream right after its result; this long at most is spent reading that end.
-_FINISH_SECONDS = 1.0
+# The bridge ends a call's stream right after its result (well under a millisecond later); this long at most is
+# spent reading that end, so a stream held open past its result delays the call by no more than this.
+_FINISH_SECONDS = 0.25
 
 Progress = Callable[[float, float | None, str | None], Awaitable[None]]
 
