@@ -7,6 +7,7 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY llm_hub/ llm_hub/
 COPY mcp_server/ mcp_server/
 COPY gateway/ gateway/
 RUN pip wheel --no-deps --wheel-dir /dist . \

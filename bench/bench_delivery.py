@@ -50,7 +50,7 @@ import sys
 import anyio
 
 from mcp_server import delivery
-from mcp_server.cli import main
+from llm_hub.cli import main
 
 variant = sys.argv.pop(1)
 delivery.PAUSE = float(sys.argv.pop(1))

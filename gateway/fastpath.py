@@ -41,7 +41,7 @@ from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import current_request_id
 from gateway.router import Router
 from gateway.server import InvalidInput, ToolCaller, UnknownTool
-from gateway.upstream import BridgeDown, GatewayBusy
+from gateway.upstream import BridgeDown, CallFailed, GatewayBusy, UpstreamError
 from mcp_server.body import buffer_body
 from mcp_server.jsonsafe import refused_tool_call
 
@@ -120,6 +120,9 @@ class FastPath:
             await _answer(send, _rpc_result(ident, reason, is_error=True))
         except GatewayBusy as exc:
             await _answer(send, _rpc_error(ident, str(exc), types.INTERNAL_ERROR), status=503)
+        except CallFailed as exc:
+            outcome = "error"
+            await _answer(send, _rpc_result(ident, str(exc), is_error=True))
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"
             raise
@@ -130,7 +133,39 @@ class FastPath:
         self, bridge: Bridge, body: bytes, headers: dict[str, str], ident: types.RequestId, receive: Receive,
         send: Send, deadline: float,
     ) -> ToolOutcome:
-        """Relay one bridge's answer; returns the outcome. Raises BridgeDown only before anything was sent."""
+        """Relay one bridge's answer, watching the caller from the start (the bridge may take a while
+        to begin its answer): a caller that leaves closes the bridge's request.
+
+        Returns the outcome. Raises BridgeDown and CallFailed only before anything was sent.
+        """
+        outcome: ToolOutcome = "error"
+        failure: UpstreamError | None = None
+        left = False
+
+        async def watch_caller() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_caller)
+            try:
+                outcome = await self._answer_from(bridge, body, headers, ident, send, deadline)
+            except UpstreamError as exc:
+                failure = exc  # raised after the group, as itself rather than inside an exception group
+            tg.cancel_scope.cancel()
+        if left:
+            return "cancelled"
+        if failure is not None:
+            raise failure
+        return outcome
+
+    async def _answer_from(
+        self, bridge: Bridge, body: bytes, headers: dict[str, str], ident: types.RequestId, send: Send,
+        deadline: float,
+    ) -> ToolOutcome:
         async with bridge.client.post(body, headers) as response:
             if response.status_code == 401:  # relayed as is, the caller would think its own key was wrong
                 message = f"Bridge {bridge.name} refused the gateway's token (LLM_HUB_BRIDGE_TOKEN must match the bridge's)."
@@ -148,37 +183,23 @@ class FastPath:
                         "headers": _response_headers(response)})
             tail = _LastEvent()
             ending: str | None = None
-            left = False
-
-            async def watch_caller() -> None:
-                nonlocal left
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                left = True
-                tg.cancel_scope.cancel()  # leaving the relay closes the bridge's stream too
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch_caller)
-                with anyio.move_on_after(deadline - time.monotonic()) as streaming:
-                    try:
-                        chunk = first
-                        while chunk is not None:
-                            tail.feed(chunk)
-                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                            chunk = await anext(chunks, None)
-                    except httpx2.HTTPError as exc:
-                        if isinstance(exc, httpx2.TransportError):
-                            await bridge.eject(f"bridge {bridge.name} closed the connection mid-answer")
-                        ending = f"The answer from bridge {bridge.name} was cut off; call the tool again."
-                if streaming.cancelled_caught:
-                    ending = _too_long(self.caller.settings.call_timeout)
-                # Too late to retry: the caller has part of the answer. A closing result says why, so
-                # the client shows a reason instead of a dropped connection.
-                last = _sse(_rpc_result(ident, ending, is_error=True)) if ending else b""
-                await send({"type": "http.response.body", "body": last, "more_body": False})
-                tg.cancel_scope.cancel()
-        if left:
-            return "cancelled"
+            with anyio.move_on_after(deadline - time.monotonic()) as streaming:
+                try:
+                    chunk = first
+                    while chunk is not None:
+                        tail.feed(chunk)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        chunk = await anext(chunks, None)
+                except httpx2.HTTPError as exc:
+                    if isinstance(exc, httpx2.TransportError) and not isinstance(exc, httpx2.TimeoutException):
+                        await bridge.eject(f"bridge {bridge.name} closed the connection mid-answer")
+                    ending = f"The answer from bridge {bridge.name} was cut off; call the tool again."
+            if streaming.cancelled_caught:
+                ending = _too_long(self.caller.settings.call_timeout)
+            # Too late to retry: the caller has part of the answer. A closing result says why, so
+            # the client shows a reason instead of a dropped connection.
+            last = _sse(_rpc_result(ident, ending, is_error=True)) if ending else b""
+            await send({"type": "http.response.body", "body": last, "more_body": False})
         return "error" if ending else tail.outcome()
 
 
@@ -209,6 +230,8 @@ def _too_long(seconds: float) -> str:
 async def _first_chunk(chunks: AsyncIterator[bytes], bridge: Bridge) -> bytes | None:
     try:
         return await anext(chunks, None)
+    except httpx2.TimeoutException as exc:  # slow, not down: the health check judges that
+        raise CallFailed(f"bridge {bridge.name} sent nothing for 60 s") from exc
     except httpx2.TransportError as exc:
         raise BridgeDown(f"bridge {bridge.name} closed the connection before answering") from exc
 

@@ -43,6 +43,7 @@ class ModelLoad:
     reported_in_flight: int = 0
     own_at_report: int = 0
     loading: bool = False
+    reported_loaded: bool = True
     """This gateway's calls made LM Studio load it, and the calls queued meanwhile have not drained yet."""
 
 
@@ -129,9 +130,12 @@ class Bridge:
             load.loaded = load.loading = True
         return model
 
-    def finished(self, model: str) -> None:
+    def finished(self, model: str, *, failed: bool = False) -> None:
         self.in_flight[model] -= 1
         load = self.models.get(model)
+        if failed and load is not None and load.loading:
+            # The call that was to load it failed: believe the bridge's last word again.
+            load.loaded, load.loading = load.reported_loaded, False
         # The calls that queued while the model loaded are the load's backlog, not a sign that the
         # box is too slow: a second load elsewhere would take as long as they take to drain.
         if load is not None and load.loading and self.in_flight[model] <= load.slots:
@@ -201,7 +205,7 @@ class Bridge:
             tg.start_soon(self._listen)
             retry = _FIRST_RETRY
             while True:
-                if await self._check():
+                if await self._checked():
                     retry = _FIRST_RETRY
                     wait = self.settings.health_interval
                 else:
@@ -215,6 +219,13 @@ class Bridge:
                 with anyio.move_on_after(wait):
                     await self._wake.wait()
                 self._wake = anyio.Event()
+
+    async def _checked(self) -> bool:
+        """One health check; a failure of ours while making it counts as a failed check, not a crash."""
+        try:
+            return await self._check()
+        except Exception as exc:  # noqa: BLE001 - one bridge's odd answer must not stop the others' checks
+            return await self._failed_check(f"health check failed inside the gateway ({type(exc).__name__})")
 
     async def _check(self) -> bool:
         started = time.monotonic()
@@ -230,7 +241,7 @@ class Bridge:
         self.latency_ms = round((time.monotonic() - started) * 1000, 2)
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             body = {}
         if not isinstance(body, dict):
             body = {}
@@ -267,9 +278,9 @@ class Bridge:
         for entry in serving:
             if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
                 continue
-            tools = [t for t in entry.get("tools") or [] if isinstance(t, str)]
-            slots = entry.get("slots")
-            reported = entry.get("in_flight")
+            listed = entry.get("tools")
+            tools = [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
+            slots, reported = _count(entry.get("slots")), _count(entry.get("in_flight"))
             # A report taken while a load we started is under way still says "not loaded".
             previous = self.models.get(entry["model"])
             loading = previous is not None and previous.loading and entry.get("loaded") is False
@@ -278,8 +289,9 @@ class Bridge:
                 tools=tools,
                 loaded=loading or entry.get("loaded") is not False,
                 loading=loading,
-                slots=slots if isinstance(slots, int) and slots > 0 else 4,
-                reported_in_flight=reported if isinstance(reported, int) else 0,
+                reported_loaded=entry.get("loaded") is not False,
+                slots=slots or 4,
+                reported_in_flight=reported or 0,
                 own_at_report=self.in_flight[entry["model"]],
             )
         self.models = models
@@ -307,6 +319,11 @@ class Bridge:
             await anyio.sleep(_LISTEN_RETRY)
 
 
+def _count(value: Any) -> int | None:
+    """A positive count from a bridge's report, or None (JSON booleans are not counts)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 class BridgePool:
     """All bridges, and the union of their tools as clients see it."""
 
@@ -316,10 +333,12 @@ class BridgePool:
         self.bridges = [Bridge(url, settings, self._changed) for url in settings.bridges]
         self._signature: object = None
         self._union: dict[str, ToolEntry] = {}
+        self._union_changed = anyio.Event()
 
     async def run(self) -> None:
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self._tell_clients)
                 for bridge in self.bridges:
                     tg.start_soon(bridge.run)
         finally:
@@ -334,6 +353,14 @@ class BridgePool:
         signature = [(entry.tool, entry.available) for entry in self._union.values()]
         if signature != self._signature:
             self._signature = signature
+            self._union_changed.set()
+
+    async def _tell_clients(self) -> None:
+        """Tells clients of changes from a task of its own: the call whose failure ejected a bridge
+        must not wait while every connected client is pinged; changes close together go out once."""
+        while True:
+            await self._union_changed.wait()
+            self._union_changed = anyio.Event()
             await self._on_change()
 
     @property

@@ -27,7 +27,7 @@ from loguru import logger
 from gateway.metrics import Metrics
 from gateway.pool import Bridge, BridgePool
 from gateway.settings import GatewaySettings
-from gateway.upstream import BridgeDown, Progress
+from gateway.upstream import BridgeDown, Progress, UpstreamError
 
 _AFFINITY_ENTRIES = 10_000
 
@@ -94,10 +94,14 @@ class Router:
             "{} -> {}: {} calls in flight on {} slots, {}", tool, bridge.name, bridge.load(tool) - 1,
             bridge.slots(tool), "would load the model" if cold else "model loaded",
         )
+        failed = False
         try:
             yield
+        except UpstreamError:
+            failed = True
+            raise
         finally:
-            bridge.finished(model)
+            bridge.finished(model, failed=failed)
             self.metrics.call_done(bridge.name, model)
 
     async def call(

@@ -8,6 +8,7 @@ this server altogether (`fastpath.py`).
 from __future__ import annotations
 
 import time
+import traceback
 from typing import Any
 
 import anyio
@@ -147,7 +148,10 @@ class GatewayServer:
             raise MCPError(exc.error.code, exc.error.message) from None
         except (Unavailable, GatewayBusy) as exc:
             return _error(str(exc))
-        except Exception:  # noqa: BLE001
-            # A bug of ours: the log gets the traceback, the caller a line it can quote.
-            logger.exception("tool {} failed inside the gateway", params.name)
+        except Exception as exc:  # noqa: BLE001
+            # A bug of ours. The log gets its type and place, not its text, which may quote the
+            # caller's arguments or the answer; the caller gets a line it can quote.
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            logger.error("tool {} failed inside the gateway: {} at {}:{}", params.name, type(exc).__name__,
+                         frame.filename, frame.lineno)
             return _error(f"The gateway failed on this call (request id {current_request_id()}); its log has why.")

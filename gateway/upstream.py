@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import anyio
@@ -125,13 +125,27 @@ class BridgeClient:
 
         Answers of 5xx raise `BridgeDown`, other error answers are the caller's to read.
         """
-        with _mapped(self.name):
-            async with self.http.stream(
-                "POST", self._mcp_url, content=body, headers=headers, timeout=timeout or httpx2.USE_CLIENT_DEFAULT
-            ) as response:
+        async with AsyncExitStack() as stack:
+            with _mapped(self.name):
+                response = await self._open(stack, body, headers, timeout or httpx2.USE_CLIENT_DEFAULT)
                 if response.status_code >= 500:
                     raise BridgeDown(f"bridge {self.name} answered HTTP {response.status_code}")
                 yield response
+
+    async def _open(
+        self, stack: AsyncExitStack, body: bytes, headers: dict[str, str], timeout: Any
+    ) -> httpx2.Response:
+        def request() -> AbstractAsyncContextManager[httpx2.Response]:
+            return self.http.stream("POST", self._mcp_url, content=body, headers=headers, timeout=timeout)
+
+        try:
+            return await stack.enter_async_context(request())
+        except (httpx2.RemoteProtocolError, httpx2.WriteError) as exc:
+            if _out_of_resources(exc):
+                raise
+            # A kept-alive connection the bridge closed as the request went out: the bridge never
+            # saw it, so it is sent once more on a fresh connection before anyone is blamed.
+            return await stack.enter_async_context(request())
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any] | None, progress: Progress | None, meta: dict[str, Any]
@@ -147,7 +161,10 @@ class BridgeClient:
             async for message in messages:
                 if isinstance(message, types.JSONRPCNotification):
                     if message.method == "notifications/progress" and progress is not None:
-                        update = types.ProgressNotificationParams.model_validate(message.params or {})
+                        try:
+                            update = types.ProgressNotificationParams.model_validate(message.params or {})
+                        except ValidationError:
+                            raise CallFailed(f"bridge {self.name} sent an unreadable progress update") from None
                         await progress(update.progress, update.total, update.message)
                     continue
                 if isinstance(message, types.JSONRPCError):
@@ -177,8 +194,10 @@ class BridgeClient:
     @asynccontextmanager
     async def listen(self) -> AsyncIterator[AsyncIterator[types.JSONRPCNotification]]:
         """A `subscriptions/listen` stream for tool-list changes, open inside the context."""
-        params = {"notifications": {"toolsListChanged": True}, "_meta": modern_meta()}
-        body, headers = self._request("subscriptions/listen", params)
+        params = types.SubscriptionsListenRequestParams(
+            notifications=types.SubscriptionFilter(tools_list_changed=True)
+        ).model_dump(by_alias=True, mode="json", exclude_none=True)
+        body, headers = self._request("subscriptions/listen", {**params, "_meta": modern_meta()})
         async with self.post(body, headers, timeout=httpx2.Timeout(10.0, read=None)) as response:
             yield self._notifications(response)
 

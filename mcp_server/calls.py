@@ -281,7 +281,7 @@ def generation_result(gen: Generation, wants_json: bool) -> types.CallToolResult
     if wants_json:
         try:
             json.loads(gen.text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply for Python's parser
             content.append(types.TextContent(type="text", text="(note: the model's answer is not valid JSON)"))
     return types.CallToolResult(content=content, structured_content=structured)
 

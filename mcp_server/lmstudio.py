@@ -72,6 +72,11 @@ class ModelInfo:
 _DEFAULT_PARALLEL = 4
 
 
+# Python's JSON parser recurses, so an answer nested about a thousand levels deep raises
+# RecursionError, whose text ("maximum recursion depth exceeded...") must not reach a caller.
+_TOO_DEEP = "%s is nested too deeply to be read"
+
+
 class Unreadable(Exception):
     """Part of LM Studio's answer is not in the documented shape; the message says which part.
 
@@ -274,7 +279,7 @@ class LMStudioClient:
     async def _get_json(self, path: str) -> Any:
         response = await self._fetch(self._http.build_request("GET", path))
         self._raise_for_status(response)
-        return self._json(response)
+        return self._json(response, f"{self.base_url}{path}")
 
     async def _fetch(self, request: httpx2.Request) -> httpx2.Response:
         """A whole answer; a failure while its body arrives is not retried (see `_send`)."""
@@ -344,8 +349,10 @@ class LMStudioClient:
                     continue
                 try:
                     chunk = json.loads(data)
-                except json.JSONDecodeError:
+                except ValueError:
                     raise unreadable_answer(response.request.url.path, Unreadable("a streamed chunk is not valid JSON")) from None
+                except RecursionError:
+                    raise unreadable_answer(response.request.url.path, Unreadable(_TOO_DEEP % "a streamed chunk")) from None
                 if isinstance(chunk, dict) and "error" in chunk:
                     raise _error_from_envelope(chunk, response.status_code, self.base_url)
                 yield chunk
@@ -360,17 +367,20 @@ class LMStudioClient:
             return
         try:
             payload = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply: classified by status alone
             payload = None
         raise _error_from_envelope(payload, response.status_code, self.base_url)
 
-    def _json(self, response: httpx2.Response) -> Any:
+    def _json(self, response: httpx2.Response, where: str | None = None) -> Any:
+        """The answer's JSON; `where` names the endpoint in an error (its path unless given)."""
         try:
             return response.json()
         except ValueError:
             raise BadUpstreamResponse(
                 f"LM Studio at {self.base_url} answered {response.request.url.path} with something that is not JSON."
             ) from None
+        except RecursionError:
+            raise unreadable_answer(where or response.request.url.path, Unreadable(_TOO_DEEP % "it")) from None
 
 
 class _ErrorMapper:
@@ -406,14 +416,19 @@ class _ErrorMapper:
         return False
 
 
+def _scalar_text(value: Any) -> str:
+    """A string or number as text; anything else (a list, an object, however deep) says nothing."""
+    return str(value) if value and isinstance(value, str | int | float) else ""
+
+
 def _error_from_envelope(payload: Any, status: int, base_url: str) -> LMStudioError:
     """Classify an error answer by LM Studio's envelope (code and message), not only the status."""
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):
-        message = str(error.get("message") or "")
-        code = str(error.get("code") or "")
+        message = _scalar_text(error.get("message"))
+        code = _scalar_text(error.get("code"))
     else:
-        message, code = (str(error) if error else ""), ""
+        message, code = _scalar_text(error), ""
     message = sendable_text(message)  # it reaches the caller
     lowered = message.lower()
     if status in (401, 403) or code == "invalid_api_key":

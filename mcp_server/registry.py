@@ -52,13 +52,19 @@ class ModelRegistry:
             started = time.monotonic()
             try:
                 models = await self.client.list_models()
+                tools = build_tools(
+                    models, self.settings.tools, self.settings.include_models, self.settings.exclude_models
+                )
             except LMStudioError as exc:
-                if self.reachable or self.last_error != str(exc):
-                    logger.warning("model poll failed, keeping {} known tools: {}", len(self.tools), exc)
-                self.reachable = False
-                self.last_error = str(exc)
-                self.last_poll = datetime.now(UTC)
-                self.discovered.set()
+                self._poll_failed(str(exc))
+                return False
+            except Exception as exc:
+                # Whatever LM Studio sends must not end the polling (and with it the server): a failed
+                # poll. Only the type is logged, as the exception's text may quote the listing.
+                self._poll_failed(
+                    f"LM Studio's model listing at {self.client.base_url} could not be read "
+                    f"(the bridge met {type(exc).__name__} reading it)."
+                )
                 return False
             if not self.reachable:
                 logger.info("LM Studio reachable at {} ({} API)", self.client.base_url, self.client.flavour)
@@ -66,9 +72,6 @@ class ModelRegistry:
             self.last_error = None
             self.last_poll = datetime.now(UTC)
             self.models = {m.id: m for m in models}
-            tools = build_tools(
-                models, self.settings.tools, self.settings.include_models, self.settings.exclude_models
-            )
             # Definitions compare by value, so a model that got loaded (new description) counts as a change.
             changed = {n: t.definition for n, t in tools.items()} != {n: t.definition for n, t in self.tools.items()}
             if changed:
@@ -85,6 +88,15 @@ class ModelRegistry:
             for listener in self._listeners:
                 await listener()
         return changed
+
+    def _poll_failed(self, error: str) -> None:
+        """A poll that read no listing: the last known tools stay."""
+        if self.reachable or self.last_error != error:
+            logger.warning("model poll failed, keeping {} known tools: {}", len(self.tools), error)
+        self.reachable = False
+        self.last_error = error
+        self.last_poll = datetime.now(UTC)
+        self.discovered.set()
 
     async def run(self) -> None:
         """Poll forever: on the interval, or at once when poked."""

@@ -130,35 +130,44 @@ class Bridge:
         return types.ListToolsResult(tools=[LIST_MODELS_TOOL, *(t.definition for t in self.registry.tools.values())])
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
-        if params.name == LIST_MODELS:
+        try:
+            if params.name == LIST_MODELS:
+                try:
+                    parse_arguments(LIST_MODELS, ListModelsArgs, params.arguments)
+                except InvalidArguments as exc:
+                    return error_result(str(exc))
+                return types.CallToolResult(
+                    content=[types.TextContent(type="text", text=json.dumps(self.catalog(), indent=1))],
+                    structured_content=self.catalog(),
+                )
+            tool = self.registry.tools.get(params.name)
+            if tool is None and not self.registry.discovered.is_set():
+                await self._first_discovery()  # a 2026-era client may call a tool it knows without listing
+                tool = self.registry.tools.get(params.name)
+            if tool is None:
+                raise MCPError(
+                    types.INVALID_PARAMS,
+                    f"Unknown tool {params.name!r}: its model may have left LM Studio. List the tools again.",
+                )
             try:
-                parse_arguments(LIST_MODELS, ListModelsArgs, params.arguments)
+                args = parse_arguments(tool.name, ARGS[tool.kind], params.arguments)
             except InvalidArguments as exc:
                 return error_result(str(exc))
-            return types.CallToolResult(
-                content=[types.TextContent(type="text", text=json.dumps(self.catalog(), indent=1))],
-                structured_content=self.catalog(),
-            )
-        tool = self.registry.tools.get(params.name)
-        if tool is None and not self.registry.discovered.is_set():
-            await self._first_discovery()  # a 2026-era client may call a tool it knows without listing
-            tool = self.registry.tools.get(params.name)
-        if tool is None:
-            raise MCPError(
-                types.INVALID_PARAMS,
-                f"Unknown tool {params.name!r}: its model may have left LM Studio. List the tools again.",
-            )
-        try:
-            args = parse_arguments(tool.name, ARGS[tool.kind], params.arguments)
-        except InvalidArguments as exc:
-            return error_result(str(exc))
 
-        relay = ProgressRelay(ctx)
-        # A gateway passes its request id along, so one id follows a call through both logs.
-        with logger.contextualize(request_id=_request_id(ctx)):
-            result = await self._run(tool, args, relay.report)
-            await relay.settle()  # TypeScript clients drop progress that arrives in one read with the result
-        return result
+            relay = ProgressRelay(ctx)
+            # A gateway passes its request id along, so one id follows a call through both logs.
+            with logger.contextualize(request_id=_request_id(ctx)):
+                result = await self._run(tool, args, relay.report)
+                await relay.settle()  # TypeScript clients drop progress that arrives in one read with the result
+            return result
+        except MCPError:
+            raise  # a protocol error meant for the client (an unknown tool)
+        except Exception as exc:
+            # Last resort, so nothing a call meets becomes internal text in the caller's answer (or a
+            # -32603). Only the type is logged: the exception's text may quote a prompt or completion.
+            # Cancellation is a BaseException and still propagates.
+            logger.error("tool {} failed inside the bridge: {}", params.name, type(exc).__name__)
+            return error_result(f"The bridge failed on this call ({params.name}); its log has the error type.")
 
     async def _run(self, tool: ModelTool, args: Any, report: Report) -> types.CallToolResult:
         started = time.monotonic()

@@ -120,13 +120,3 @@ class BridgeSettings(BaseSettings):
     def is_loopback(self) -> bool:
         return self.host in LOOPBACK_HOSTS
 
-
-def env_name(field: str) -> str:
-    """The primary environment variable behind a settings field, for messages and --help."""
-    info = BridgeSettings.model_fields[field]
-    alias = info.validation_alias
-    if isinstance(alias, AliasChoices):
-        # The un-prefixed LM Studio names are the documented ones.
-        names = [str(choice) for choice in alias.choices]
-        return next((n for n in names if n.isupper() and not n.startswith("LLM_HUB_")), names[1])
-    return f"LLM_HUB_{field.upper()}"

@@ -22,10 +22,12 @@ import mcp_types as types
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loguru import logger
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcp_server.calls import Generation, read_chunk, read_embeddings
 from mcp_server.jsonsafe import MAX_DEPTH, unsendable
@@ -73,7 +75,7 @@ EMBED_GARBAGE: dict[str, str] = {
     "usage-string": '{"data": [{"index": 0, "embedding": [0.1, 0.2]}], "usage": "x"}',
 }
 INTERNAL_TEXT = ("has no attribute", "object is not", "Traceback", "TypeError", "KeyError", "AttributeError",
-                 "ValueError", "not subscriptable", "Internal server error")
+                 "ValueError", "not subscriptable", "Internal server error", "recursion", "RecursionError")
 
 
 def _sse(*chunks: Any) -> AsyncIterator[str]:
@@ -146,6 +148,164 @@ async def test_timed_out_call_carries_its_partial_answer(connect: Connect, lmstu
     partial = text.split("Partial answer before the failure:\n", 1)[1]
     assert partial.startswith("piece0 piece1 ") and "".join(fake.chunk_text).startswith(partial)
     assert f"{len(partial.split())} tokens had arrived" in text
+
+
+# -- answers nested too deeply for Python's JSON parser ------------------------------------------
+
+def _deep(depth: int = 5000) -> str:
+    """JSON nested `depth` levels: `json.loads` raises RecursionError on it, not a ValueError."""
+    return "[" * depth + "]" * depth
+
+
+class DeepListing:
+    """An LM Studio whose model listings (every surface) are nested 5000 deep while `on` is set."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.on = False
+        self.served = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.on and scope["type"] == "http" and scope["path"].endswith("/models"):
+            self.served += 1
+            await Response('{"models": ' + _deep() + ', "data": []}', media_type="application/json")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def deep_lmstudio(fake: FakeLMStudio) -> DeepListing:
+    """The fake, with chat and embeddings answered nested 5000 deep where the prompt or input says so."""
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        if prompt == "deep-error":
+            return Response(_deep(), status_code=500, media_type="application/json")
+        if prompt == "deep-json":  # a model repeating `[`, unfinished: what structured output may produce
+            chunks = [{"choices": [{"delta": {"content": "[" * 3000}}]}, {"choices": [{"delta": {}, "finish_reason": "length"}]}]
+            return StreamingResponse(_sse(*chunks), media_type="text/event-stream")
+        last = {"deep-chunk": _deep(), "deep-error-chunk": '{"error": ' + _deep() + "}"}.get(
+            prompt, {"choices": [{"delta": {}, "finish_reason": "stop"}]})  # any other prompt is answered
+        return StreamingResponse(_sse(_GOOD_CHUNK, last), media_type="text/event-stream")
+
+    async def embeddings(request: Request) -> Response:
+        body = await request.json()
+        if body["input"] == "deep-error":
+            return Response('{"error": ' + _deep() + "}", status_code=500, media_type="application/json")
+        return Response('{"data": [{"index": 0, "embedding": ' + _deep() + "}]}", media_type="application/json")
+
+    return DeepListing(Starlette(routes=[
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Mount("/", app=fake.app),
+    ]))
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_answers_nested_too_deeply_are_clear_errors_and_the_bridge_keeps_polling(mode: str) -> None:
+    from mcp import Client
+
+    fake = FakeLMStudio(default_models())
+    app = deep_lmstudio(fake)
+    async with serve(app) as url, Bridge(bridge_settings(url)) as bridge, Client(bridge.server, mode=mode) as client:
+        registry = bridge.registry
+        await _wait_for(lambda: CHAT_TOOL in registry.tools)
+        tools = dict(registry.tools)
+        # A listing nested 5000 deep is a failed poll: the last tools stay, and polling goes on.
+        app.on = True
+        await _wait_for(lambda: app.served >= 3)
+        assert registry.tools == tools and not registry.reachable
+        assert registry.last_error and "could not be read" in registry.last_error and "nested too deeply" in registry.last_error
+        assert "recursion" not in registry.last_error.lower()
+
+        for prompt in ("deep-chunk", "deep-error-chunk"):
+            text = _assert_readable_failure(await client.call_tool(CHAT_TOOL, {"prompt": prompt}), "/v1/chat/completions")
+            assert "a streamed chunk is nested too deeply to be read" in text
+            assert f"Partial answer before the failure:\n{PARTIAL}" in text, (prompt, text)
+        text = _assert_readable_failure(await client.call_tool(EMBED_TOOL, {"input": "deep"}), "/v1/embeddings")
+        assert "nested too deeply to be read" in text
+        for tool, arguments in ((CHAT_TOOL, {"prompt": "deep-error"}), (EMBED_TOOL, {"input": "deep-error"})):
+            result = await client.call_tool(tool, arguments)  # an error body: classified by its status
+            text = _text(result)
+            assert result.is_error and text.endswith("answered with an error: HTTP 500"), text
+            assert "recursion" not in text.lower()
+        # Structured output the model never closed: the answer is kept, noted as not valid JSON.
+        schema = {"type": "array"}
+        answer = await client.call_tool(CHAT_TOOL, {"prompt": "deep-json", "json_schema": schema})
+        assert not answer.is_error, _text(answer)
+        assert answer.content[0].text == "[" * 3000  # type: ignore[union-attr]
+        assert "(note: the model's answer is not valid JSON)" in _text(answer)
+
+        catalog = await client.call_tool("list_models", {})  # still serving
+        assert not catalog.is_error and "recursion" not in _text(catalog).lower()
+        app.on = False  # and still polling: LM Studio readable again is seen
+        await _wait_for(lambda: registry.reachable)
+        assert registry.tools == tools and registry.last_error is None
+        assert not (await client.call_tool(CHAT_TOOL, {"prompt": "hi"})).is_error
+
+
+async def test_an_unexpected_failure_reading_a_listing_is_a_failed_poll(
+    lmstudio: tuple[FakeLMStudio, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mcp import Client
+
+    from mcp_server import lmstudio as lmstudio_module
+
+    def broken_parser(payload: Any) -> list[ModelInfo]:
+        raise TypeError("SECRET-LISTING-TEXT")
+
+    fake, url = lmstudio
+    logged: list[str] = []
+    sink = logger.add(logged.append, level="WARNING", format="{level} {message}")
+    try:
+        async with Bridge(bridge_settings(url)) as bridge, Client(bridge.server) as client:
+            registry = bridge.registry
+            await _wait_for(lambda: CHAT_TOOL in registry.tools)
+            tools = dict(registry.tools)
+            monkeypatch.setitem(lmstudio_module._PARSERS, "lmstudio-v1", broken_parser)
+            calls = fake.listing_calls
+            await _wait_for(lambda: fake.listing_calls >= calls + 3)  # polling goes on
+            assert registry.tools == tools and not registry.reachable
+            assert registry.last_error and "TypeError" in registry.last_error
+            assert not (await client.call_tool("list_models", {})).is_error
+            monkeypatch.undo()
+            await _wait_for(lambda: registry.reachable)
+            assert registry.tools == tools
+    finally:
+        logger.remove(sink)
+    failed = [line for line in logged if "model poll failed" in line]
+    assert len(failed) == 1 and "TypeError" in failed[0], logged  # once, not once per poll
+    assert not any("SECRET" in line for line in logged), logged
+
+
+async def test_an_unexpected_failure_in_a_call_is_a_generic_error(
+    lmstudio: tuple[FakeLMStudio, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mcp import Client
+
+    from mcp_server import server as server_module
+
+    def broken(*args: Any) -> types.CallToolResult:
+        raise RuntimeError("SECRET-COMPLETION-TEXT")
+
+    fake, url = lmstudio
+    logged: list[str] = []
+    sink = logger.add(logged.append, level="DEBUG", format="{level} {message} {exception}")
+    try:
+        async with Bridge(bridge_settings(url)) as bridge, Client(bridge.server) as client:
+            await _wait_for(lambda: CHAT_TOOL in bridge.registry.tools)
+            monkeypatch.setattr(server_module, "generation_result", broken)
+            result = await client.call_tool(CHAT_TOOL, {"prompt": "hi"})
+            monkeypatch.undo()
+            assert bridge.in_flight == {}
+            assert not (await client.call_tool(CHAT_TOOL, {"prompt": "hi"})).is_error  # still serving
+    finally:
+        logger.remove(sink)
+    assert result.is_error
+    assert _text(result) == f"The bridge failed on this call ({CHAT_TOOL}); its log has the error type."
+    errors = [line for line in logged if line.startswith("ERROR")]
+    assert len(errors) == 1 and CHAT_TOOL in errors[0] and "RuntimeError" in errors[0], logged
+    assert not any("SECRET" in line for line in logged), logged
 
 
 # -- unsendable input ----------------------------------------------------------------------------

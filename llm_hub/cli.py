@@ -1,8 +1,9 @@
 """Every command: `llm-hub` (the bridge over stdio, `serve`, `check`, `up`) and `llm-hub-gateway`.
 
 The commands are where the two services meet (`llm-hub up` runs one of each), so this one module owns
-them all. The gateway's code is imported only by the commands that run a gateway, and the SDK and uvicorn
-only by those that serve, so `llm-hub` over stdio starts quickly.
+them all, outside both packages: it imports the bridge and the gateway, and neither imports it. Beyond the
+settings (for --help), the gateway's app is imported only by the commands that run a gateway, and the SDK
+and uvicorn only by those that serve, so `llm-hub` over stdio starts quickly.
 
 Exit codes: 0 done (a stop by Ctrl-C or SIGTERM included), 1 LM Studio unreachable (`check`), 2 bad
 settings or usage (argparse's own code), 3 a port that cannot be listened on (in use).
