@@ -58,7 +58,7 @@ class ModelRegistry:
             except LMStudioError as exc:
                 self._poll_failed(str(exc))
                 return False
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed poll, whatever the cause
                 # Whatever LM Studio sends must not end the polling (and with it the server): a failed
                 # poll. Only the type is logged, as the exception's text may quote the listing.
                 self._poll_failed(

@@ -162,7 +162,7 @@ class Bridge:
             return result
         except MCPError:
             raise  # a protocol error meant for the client (an unknown tool)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the last resort
             # Last resort, so nothing a call meets becomes internal text in the caller's answer (or a
             # -32603). Only the type is logged: the exception's text may quote a prompt or completion.
             # Cancellation is a BaseException and still propagates.

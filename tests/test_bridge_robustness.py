@@ -288,7 +288,7 @@ async def test_an_unexpected_failure_in_a_call_is_a_generic_error(
     def broken(*args: Any) -> types.CallToolResult:
         raise RuntimeError("SECRET-COMPLETION-TEXT")
 
-    fake, url = lmstudio
+    _, url = lmstudio
     logged: list[str] = []
     sink = logger.add(logged.append, level="DEBUG", format="{level} {message} {exception}")
     try:
