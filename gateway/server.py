@@ -71,6 +71,8 @@ class ToolCaller:
         try:
             with anyio.fail_after(self.settings.call_timeout):
                 result, bridge = await self.router.call(name, arguments, progress, meta)
+            if result.meta:  # the bridge's name is not this server's: the SDK stamps the gateway's
+                result.meta.pop(types.SERVER_INFO_META_KEY, None)
             bridge_name = bridge.name
             outcome = "error" if result.is_error else "ok"
             return result
