@@ -100,7 +100,9 @@ class Dashboard:
 
         Without an earlier answer, the models its last health check reported (ids and tools only).
         """
-        if bridge.healthy or not bridge.in_grace():
+        # A bridge that failed to answer just now may not be known as down yet: its last answer
+        # stays until its grace period ends.
+        if not bridge.in_grace():
             self._last_catalog.pop(bridge.name, None)
             return {}
         if bridge.name in self._last_catalog:
