@@ -73,6 +73,7 @@ class ToolCaller:
                 result, bridge = await self.router.call(name, arguments, progress, meta)
             if result.meta:  # the bridge's name is not this server's: the SDK stamps the gateway's
                 result.meta.pop(types.SERVER_INFO_META_KEY, None)
+                result.meta = result.meta or None
             bridge_name = bridge.name
             outcome = "error" if result.is_error else "ok"
             return result
