@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -216,3 +217,27 @@ def print_result(result: dict[str, Any], render: Callable[[dict[str, Any]], str]
         print(render(result))
         print()
     print(json.dumps(result, indent=None if json_only else 1))
+
+
+def run_and_print(
+    prefix: str, args: Any, run: Callable[[Any, Path], Awaitable[dict[str, Any]]],
+    render: Callable[[dict[str, Any]], str],
+) -> None:
+    """Run a benchmark (`args.keep_logs`, `args.json`), print its result; exit 1 on failure, 130 on Ctrl-C."""
+    try:
+        with server_logs(prefix, keep=args.keep_logs) as workdir:
+            result = anyio.run(run, args, workdir)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
+        # Many sessions nest their task groups: show the errors themselves, not levels of groups.
+        for error in leaf_errors(exc):
+            traceback.print_exception(error, file=sys.stderr)
+        raise SystemExit(1) from None
+    print_result(result, render, args.json)
+
+
+def leaf_errors(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_errors(inner)]
+    return [exc]

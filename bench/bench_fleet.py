@@ -34,7 +34,6 @@ import argparse
 import secrets
 import sys
 import time
-import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -331,12 +330,6 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def leaf_errors(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in leaf_errors(inner)]
-    return [exc]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=96, help="calls per path (default 96)")
@@ -361,16 +354,7 @@ def main() -> None:
     if min(args.calls, args.callers, args.chunks, args.parallel) < 1 or not args.mix:
         parser.error("counts must be positive and --mix not empty")
 
-    try:
-        with common.server_logs("llm-hub-bench-fleet-", keep=args.keep_logs) as workdir:
-            result = anyio.run(run, args, workdir)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
-        for error in leaf_errors(exc):
-            traceback.print_exception(error, file=sys.stderr)
-        raise SystemExit(1) from None
-    common.print_result(result, render, args.json)
+    common.run_and_print("llm-hub-bench-fleet-", args, run, render)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import secrets
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -394,12 +393,6 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def leaf_errors(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in leaf_errors(inner)]
-    return [exc]
-
-
 def eras_arg(text: str) -> list[str]:
     eras = [part.strip() for part in text.split(",") if part.strip()]
     if not eras or any(era not in ERAS for era in eras) or len(set(eras)) != len(eras):
@@ -426,17 +419,7 @@ def main() -> None:
     if min(args.calls, args.block, args.concurrency, args.tp_calls, args.tp_rounds) < 1 or args.warmup < 0:
         parser.error("counts must be positive")
 
-    try:
-        with common.server_logs("llm-hub-bench-gateway-", keep=args.keep_logs) as workdir:
-            result = anyio.run(run, args, workdir)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
-        # 130 sessions nest their task groups: show the errors themselves, not ten levels of groups.
-        for error in leaf_errors(exc):
-            traceback.print_exception(error, file=sys.stderr)
-        raise SystemExit(1) from None
-    common.print_result(result, render, args.json)
+    common.run_and_print("llm-hub-bench-gateway-", args, run, render)
 
 
 if __name__ == "__main__":
