@@ -82,6 +82,12 @@ def held(top: Topology, model: str) -> int:
     return sum(fake.slots(model).active for fake in top.fakes.values())
 
 
+def _log_problems(log: Path) -> list[str]:
+    """The gateway's warnings and errors, for a failure message that explains itself."""
+    lines = log.read_text(errors="replace").splitlines()
+    return [line[:400] for line in lines if '"WARNING"' in line or '"ERROR"' in line or "Traceback" in line][-40:]
+
+
 def prompts_seen(fake: FakeLMStudio) -> list[str]:
     return [r["json"]["messages"][-1]["content"] for r in fake.requests if r["path"] == "/v1/chat/completions"]
 
@@ -336,7 +342,8 @@ async def test_a_bridge_killed_under_load_fails_only_calls_already_streaming_to_
             release(top)
         failed = calls.labels(ok=False)
         details = calls.failures()
-        assert failed == on_a & streamed, {label: details.get(label, "succeeded") for label in failed ^ (on_a & streamed)}
+        unexpected = {label: details.get(label, "succeeded") for label in failed ^ (on_a & streamed)}
+        assert failed == on_a & streamed, (unexpected, _log_problems(top.logs / "gateway.log"))
         assert all(calls.outcomes[label].detail for label in failed)  # the caller is told why
 
 
