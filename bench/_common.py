@@ -14,9 +14,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -194,6 +195,33 @@ async def http_server(cmd: list[str], port: int, *, ready_path: str, env: dict[s
         yield base, process.pid
 
 
+LLM_HUB_GATEWAY = str(Path(sys.executable).with_name("llm-hub-gateway"))
+
+
+def bridge(lmstudio_url: str, log: TextIO) -> AbstractAsyncContextManager[tuple[str, int]]:
+    """`llm-hub serve` in front of `lmstudio_url`, logging warnings only; ready once it has built its tools."""
+    port = free_port()
+    env = clean_env(LMSTUDIO_URL=lmstudio_url, LLM_HUB_LOG_LEVEL="WARNING")
+    cmd = [LLM_HUB, "serve", "--port", str(port)]
+    # 200 once the bridge has polled LM Studio and built its tools.
+    return http_server(cmd, port, ready_path="/health", env=env, log=log, what="bridge")
+
+
+def gateway(bridge_url: str, key: str, log: TextIO) -> AbstractAsyncContextManager[tuple[str, int]]:
+    """`llm-hub-gateway` in front of one bridge, the key `bench:<key>`, rate limits out of the way."""
+    port = free_port()
+    env = clean_env(
+        LLM_HUB_API_KEYS=f"bench:{key}",
+        LLM_HUB_RATE_LIMIT="1000000/minute",
+        LLM_HUB_REQUEST_LIMIT="1000000/minute",
+        LLM_HUB_LOG_LEVEL="WARNING",
+    )
+    cmd = [LLM_HUB_GATEWAY, "--bridge", bridge_url, "--port", str(port)]
+    # 200 once a bridge is admitted; its tools are loaded before it is.
+    return http_server(cmd, port, ready_path="/health", env=env, log=log, what="gateway",
+                       ready=lambda r: r.status_code == 200 and r.json()["tools"] > 1)
+
+
 # -- MCP clients ---------------------------------------------------------------------------
 
 
@@ -209,6 +237,15 @@ def text_of(result: types.CallToolResult) -> str:
 
 
 # -- output --------------------------------------------------------------------------------
+
+_STARTED = time.perf_counter()
+
+
+def note(text: str, quiet: bool) -> None:
+    """A progress line on stderr, with the seconds since the run started; nothing when `quiet`."""
+    if not quiet:
+        print(f"  [{time.perf_counter() - _STARTED:5.1f} s] {text}", file=sys.stderr, flush=True)
+
 
 
 def print_result(result: dict[str, Any], render: Callable[[dict[str, Any]], str], json_only: bool) -> None:

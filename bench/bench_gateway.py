@@ -31,13 +31,12 @@ import json
 import os
 import secrets
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import _common as common
 import anyio
@@ -46,7 +45,6 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_MODERN_VERSION
 
-LLM_HUB_GATEWAY = str(Path(sys.executable).with_name("llm-hub-gateway"))
 ARGUMENTS = {"prompt": "hi"}
 CHUNKS = 5
 EXPECTED = common.fake_reply(CHUNKS)
@@ -73,29 +71,7 @@ def path_of(era: str, route: str) -> str:
     return f"{era}/{route}"
 
 
-# -- processes -----------------------------------------------------------------------------
-
-
-def bridge(lmstudio_url: str, log: TextIO) -> AbstractAsyncContextManager[tuple[str, int]]:
-    port = common.free_port()
-    env = common.clean_env(LMSTUDIO_URL=lmstudio_url, LLM_HUB_LOG_LEVEL="WARNING")
-    cmd = [common.LLM_HUB, "serve", "--port", str(port)]
-    # 200 once the bridge has polled LM Studio and built its tools.
-    return common.http_server(cmd, port, ready_path="/health", env=env, log=log, what="bridge")
-
-
-def gateway(bridge_url: str, key: str, log: TextIO) -> AbstractAsyncContextManager[tuple[str, int]]:
-    port = common.free_port()
-    env = common.clean_env(
-        LLM_HUB_API_KEYS=f"bench:{key}",
-        LLM_HUB_RATE_LIMIT="1000000/minute",
-        LLM_HUB_REQUEST_LIMIT="1000000/minute",
-        LLM_HUB_LOG_LEVEL="WARNING",
-    )
-    cmd = [LLM_HUB_GATEWAY, "--bridge", bridge_url, "--port", str(port)]
-    # 200 once a bridge is admitted; its tools are loaded before it is.
-    return common.http_server(cmd, port, ready_path="/health", env=env, log=log, what="gateway",
-                              ready=lambda r: r.status_code == 200 and r.json()["tools"] > 1)
+# -- clients -------------------------------------------------------------------------------
 
 
 @asynccontextmanager
@@ -236,14 +212,6 @@ def throughput(direct_t: Tally, gateway_t: Tally) -> dict[str, Any]:
     }
 
 
-_STARTED = time.perf_counter()
-
-
-def note(text: str, quiet: bool) -> None:
-    if not quiet:
-        print(f"  [{time.perf_counter() - _STARTED:5.1f} s] {text}", file=sys.stderr, flush=True)
-
-
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     quiet: bool = args.json
     rounds = max(1, -(-args.calls // args.block))
@@ -260,33 +228,33 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     key = secrets.token_urlsafe(24)
     async with AsyncExitStack() as stack:
         log = common.log_files(stack, workdir)
-        note("starting fake LM Studio, a bridge and a gateway", quiet)
+        common.note("starting fake LM Studio, a bridge and a gateway", quiet)
         fake_url, fake_pid = await stack.enter_async_context(common.fake_lmstudio(CHUNKS, log("fake")))
-        bridge_url, bridge_pid = await stack.enter_async_context(bridge(fake_url, log("bridge")))
-        gateway_url, gateway_pid = await stack.enter_async_context(gateway(bridge_url, key, log("gateway")))
+        bridge_url, bridge_pid = await stack.enter_async_context(common.bridge(fake_url, log("bridge")))
+        gateway_url, gateway_pid = await stack.enter_async_context(common.gateway(bridge_url, key, log("gateway")))
         urls = {"direct": f"{bridge_url}/mcp", "gateway": f"{gateway_url}/mcp"}
         paths = {path_of(era, route): (era, url) for era in eras for route, url in urls.items()}
         lab = Lab({"client": os.getpid(), "gateway": gateway_pid, "bridge": bridge_pid, "fake": fake_pid}, eras,
                   {path: await stack.enter_async_context(session(url, key, era)) for path, (era, url) in paths.items()})
         if args.sessions_mode in ("many", "both"):
-            note(f"opening {args.concurrency} more sessions on each of {len(paths)} paths", quiet)
+            common.note(f"opening {args.concurrency} more sessions on each of {len(paths)} paths", quiet)
             lab.many = {path: [await stack.enter_async_context(session(url, key, era))
                                for _ in range(args.concurrency)]
                         for path, (era, url) in paths.items()}
 
-        note(f"warm-up: {args.warmup} calls per path at concurrency 1, one concurrent block per phase", quiet)
+        common.note(f"warm-up: {args.warmup} calls per path at concurrency 1, one concurrent block per phase", quiet)
         if args.warmup:
             await interleaved(lab, sequential(lab, args.warmup), 1)
         modes = ["many", "one"] if args.sessions_mode == "both" else [args.sessions_mode]
         for mode in modes:  # every session and connection used once before anything counts
             await interleaved(lab, concurrent(lab, args.concurrency, args.concurrency, mode), 1)
 
-        note(f"concurrency 1: {rounds} rounds of {args.block} calls per path, interleaved", quiet)
+        common.note(f"concurrency 1: {rounds} rounds of {args.block} calls per path, interleaved", quiet)
         c1 = await interleaved(lab, sequential(lab, args.block), rounds)
         phases: dict[str, dict[str, Tally]] = {"c1": c1}
         for mode in modes:
             label = "one session" if mode == "one" else f"{args.concurrency} sessions"
-            note(f"concurrency {args.concurrency} on {label}: {args.tp_rounds} rounds of {args.tp_calls} calls "
+            common.note(f"concurrency {args.concurrency} on {label}: {args.tp_rounds} rounds of {args.tp_calls} calls "
                  "per path, interleaved", quiet)
             phases[f"c{args.concurrency}_{mode}"] = await interleaved(
                 lab, concurrent(lab, args.tp_calls, args.concurrency, mode), args.tp_rounds)
@@ -299,7 +267,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             result["eras"][era]["throughput"] = {
                 phase: throughput(tallies[direct], tallies[through]) for phase, tallies in phases.items()}
         result["memory_mb_after"] = {name: common.memory_mb(pid)["VmRSS"] for name, pid in lab.pids.items()}
-        note("done; stopping the servers", quiet)
+        common.note("done; stopping the servers", quiet)
     result["machine"]["loadavg_at_end"] = common.loadavg()
     result["targets"] = targets(result, args.concurrency)
     return result

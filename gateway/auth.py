@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loguru import logger
@@ -12,6 +14,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.refusal import UNAUTHORIZED, refusal
 
 ANONYMOUS = "anonymous"
+FAILURE_LOG_SECONDS = 60.0
+# Distinct sources counted one by one per interval; beyond, a flood from many addresses is counted together,
+# so the tally stays small whatever arrives.
+_MAX_SOURCES = 1000
+_OTHERS = "other sources"
 
 _HOW_TO = "Send your API key as 'Authorization: Bearer <key>'."
 
@@ -44,17 +51,20 @@ class ApiKeyAuth:
         *,
         open_paths: frozenset[str] = frozenset({"/health"}),
         open_prefixes: tuple[str, ...] = (),
+        failure_log_seconds: float = FAILURE_LOG_SECONDS,
     ) -> None:
         self.app = app
         # Digests have one length, so comparing them reveals nothing about a key's length either.
         self.digests = None if keys is None else [(name, _digest(key.encode())) for name, key in keys.items()]
         self.open_paths = open_paths
         self.open_prefixes = open_prefixes
+        self.unknown_keys = FailureTally(failure_log_seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        self.unknown_keys.report_due()
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         authorizations = [value for name, value in headers if name == b"authorization"]
         scope["headers"] = [(name, value) for name, value in headers if name != b"authorization"]
@@ -64,10 +74,7 @@ class ApiKeyAuth:
         outcome = self.key_name(authorizations)
         if isinstance(outcome, _Rejection):
             if outcome is _UNKNOWN:
-                client = (scope.get("client") or ("unknown",))[0]
-                logger.info(
-                    "rejected {} {} from {}: unknown API key", scope.get("method", "WEBSOCKET"), scope["path"], client
-                )
+                self.unknown_keys.count((scope.get("client") or ("an unknown address",))[0])
             await self.reject(outcome, scope, receive, send)
             return
         scope.setdefault("state", {})["key_name"] = outcome
@@ -107,6 +114,40 @@ class ApiKeyAuth:
             return
         response = refusal(scope, 401, UNAUTHORIZED, rejection.message, {"WWW-Authenticate": rejection.challenge})
         await response(scope, receive, send)
+
+
+class FailureTally:
+    """Requests with an unknown key, counted per source (client address) and logged as one WARNING line per
+    source per interval: a guessing client or a stale key would otherwise write a line per request."""
+
+    def __init__(self, interval: float = FAILURE_LOG_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.counts: dict[str, int] = {}
+        self.since = clock()
+
+    def count(self, source: str) -> None:
+        if source not in self.counts and len(self.counts) >= _MAX_SOURCES:
+            source = _OTHERS
+        self.counts[source] = self.counts.get(source, 0) + 1
+
+    def report_due(self) -> None:
+        """Log the interval's counts once it is over (checked on every request: one clock read)."""
+        now = self.clock()
+        if now - self.since < self.interval:
+            return
+        for source, count in self.counts.items():
+            noun = "request" if count == 1 else "requests"
+            logger.warning(
+                "{} {} with an unknown API key from {} in the last {:.0f} s", count, noun, source, now - self.since
+            )
+        self.counts.clear()
+        self.since = now
+
+
+def key_name_of(scope: Scope) -> str | None:
+    """The name of the key this request came with (set by `ApiKeyAuth`); None on open paths."""
+    return scope.get("state", {}).get("key_name")
 
 
 def _digest(value: bytes) -> bytes:

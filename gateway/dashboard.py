@@ -2,7 +2,7 @@
 
 The page itself is plain HTML, CSS and JavaScript in `gateway/static/` (no build step, nothing
 fetched from elsewhere), open without a key; everything it shows comes from authenticated API
-calls made with the key the user types in. `GET /v1/models` asks each healthy bridge's
+calls made with the key the user types in. `GET /v1/dashboard/models` asks each healthy bridge's
 `list_models` tool and merges the answers (a bridge that is down but in its grace period adds what
 it last listed, marked unavailable); `GET /v1/stats` is the metrics' JSON summary.
 """
@@ -18,9 +18,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from gateway.auth import key_name_of
 from gateway.metrics import Metrics
 from gateway.pool import Bridge, BridgePool, ToolEntry
 from gateway.upstream import UpstreamError
+from gateway.usage import Accounting
 
 STATIC = Path(__file__).with_name("static")
 LIST_MODELS = "list_models"
@@ -40,26 +42,30 @@ _PAGE_HEADERS = {
 
 
 class Dashboard:
-    def __init__(self, pool: BridgePool, metrics: Metrics) -> None:
+    def __init__(self, pool: BridgePool, metrics: Metrics, accounting: Accounting) -> None:
         self.pool = pool
         self.metrics = metrics
+        self.accounting = accounting
         self._last_catalog: dict[str, dict[str, Any]] = {}  # by bridge name: its last list_models answer
 
     def routes(self) -> list[BaseRoute]:
         return [
             Route("/", self.page, methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
-            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/dashboard/models", self.models, methods=["GET"]),
             Route("/v1/stats", self.stats, methods=["GET"]),
         ]
 
     async def page(self, _request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
 
-    async def stats(self, _request: Request) -> Response:
-        return JSONResponse(self.metrics.snapshot())
+    async def stats(self, request: Request) -> Response:
+        snapshot = self.metrics.snapshot()
+        key_name = key_name_of(request.scope)
+        snapshot["usage"] = [row for row in snapshot["usage"] if self.accounting.may_use(key_name, row["model"])]
+        return JSONResponse(snapshot)
 
-    async def models(self, _request: Request) -> Response:
+    async def models(self, request: Request) -> Response:
         """Every model of every bridge, merged by id, each bridge's view of LM Studio, and whether
         each model can be called now."""
         answers: dict[str, dict[str, Any]] = {}
@@ -91,9 +97,11 @@ class Dashboard:
             for model in (catalog or self._remembered(bridge)).get("models") or []:
                 _merge(merged, model, bridge.name, live=catalog is not None)
         union = self.pool.union()
-        for entry in merged.values():
+        key_name = key_name_of(request.scope)
+        models = [entry for entry in merged.values() if self.accounting.may_use(key_name, entry["id"])]
+        for entry in models:
             _mark_availability(entry, union)
-        return JSONResponse({"models": list(merged.values()), "lmstudio": lmstudio, "skipped": skipped})
+        return JSONResponse({"models": models, "lmstudio": lmstudio, "skipped": skipped})
 
     def _remembered(self, bridge: Bridge) -> dict[str, Any]:
         """What a bridge that did not answer now last listed, while its tools are still in the union.

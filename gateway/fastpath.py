@@ -22,7 +22,6 @@ from typing import Any
 import anyio
 import httpx2
 import mcp_types as types
-from loguru import logger
 from mcp.shared.inbound import (
     ERROR_CODE_HTTP_STATUS,
     MCP_METHOD_HEADER,
@@ -32,16 +31,21 @@ from mcp.shared.inbound import (
     decode_header_value,
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
+from gateway.auth import key_name_of
+from gateway.heartbeat import kept_alive_answer
 from gateway.metrics import ToolOutcome
 from gateway.pool import Bridge
+from gateway.refusal import FORBIDDEN, RATE_LIMITED, UNAVAILABLE, refusal
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import current_request_id
-from gateway.router import Router
+from gateway.router import Router, Unavailable
 from gateway.server import InvalidInput, ToolCaller, UnknownTool
 from gateway.upstream import BridgeDown, CallFailed, GatewayBusy, UpstreamError
+from gateway.usage import UsageRefused
 from mcp_server.body import buffer_body
 from mcp_server.jsonsafe import refused_tool_call
 
@@ -73,6 +77,9 @@ class FastPath:
         if (refused := refused_tool_call(message)) is not None:
             await _answer(send, _rpc_error(*refused))
             return
+        if (denied := await self.admission(scope, message)) is not None:
+            await denied(scope, receive, send)
+            return
         call = _tool_call(message, scope) if self.routable(scope) else None
         if call is None:  # not ours to judge: the SDK serves it, or answers with the precise error
             await self.app(scope, receive, send)
@@ -83,7 +90,30 @@ class FastPath:
         except (InvalidInput, UnknownTool) as exc:
             await _answer(send, _rpc_error(ident, str(exc)))
             return
-        await self.relay(scope, receive, send, body, ident, name, arguments)
+        meta = message["params"].get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        async with kept_alive_answer(send, token, self.caller.settings.heartbeat_interval) as answer:
+            await self.relay(scope, receive, answer, body, ident, name, arguments)
+
+    async def admission(self, scope: Scope, message: Any) -> Response | None:
+        """The HTTP answer to tool calls (either era) this key may not make now: 403 (model not
+        allowed) or 429 (token budget spent), with a JSON-RPC error MCP clients show.
+
+        Answered here rather than by the SDK so the status and Retry-After reach the client in
+        both eras, as the request limiter's do; a refusal ends no session.
+        """
+        union = self.caller.pool.union()
+        for item in message if isinstance(message, list) else [message]:
+            params = item.get("params") if isinstance(item, dict) and item.get("method") == "tools/call" else None
+            name = params.get("name") if isinstance(params, dict) else None
+            if not isinstance(name, str) or name not in union:
+                continue  # nothing to call: the SDK or the fast path answers why
+            try:
+                await self.caller.admit(key_name_of(scope), name)
+            except UsageRefused as exc:
+                code = {403: FORBIDDEN, 429: RATE_LIMITED}.get(exc.status, UNAVAILABLE)
+                return refusal(scope, exc.status, code, str(exc), exc.headers())
+        return None
 
     def routable(self, scope: Scope) -> bool:
         """A `tools/call` under a version whose servers must check headers against the body."""
@@ -104,20 +134,22 @@ class FastPath:
         headers = _forwarded_headers(scope)
         outcome: ToolOutcome = "rejected"
         bridge_name = "none"
-        failures: list[str] = []
+        tail = _LastEvent()
+
+        async def watched(message: Message) -> None:  # the answer's last event carries the usage to charge
+            if message["type"] == "http.response.body":
+                tail.feed(message.get("body", b""))
+            await send(message)
+
+        async def run(bridge: Bridge) -> ToolOutcome:
+            nonlocal bridge_name
+            bridge_name = bridge.name
+            return await self._stream(bridge, body, headers, ident, receive, watched, deadline)
+
         try:
-            for bridge in self.router.candidates(name, arguments)[:2]:
-                bridge_name = bridge.name
-                try:
-                    with self.router.counted(bridge, name):
-                        outcome = await self._stream(bridge, body, headers, ident, receive, send, deadline)
-                    return
-                except BridgeDown as exc:
-                    await bridge.eject(str(exc))
-                    failures.append(str(exc))
-                    logger.warning("call to {} on {} failed before reaching its caller", name, bridge.name)
-            reason = "; ".join(failures) if failures else str(self.router.unavailable(name))
-            await _answer(send, _rpc_result(ident, reason, is_error=True))
+            outcome, _ = await self.router.attempt(name, arguments, run)
+        except Unavailable as exc:
+            await _answer(send, _rpc_result(ident, str(exc), is_error=True))
         except GatewayBusy as exc:
             await _answer(send, _rpc_error(ident, str(exc), types.INTERNAL_ERROR), status=503)
         except CallFailed as exc:
@@ -128,6 +160,8 @@ class FastPath:
             raise
         finally:
             self.caller.observe(name, bridge_name, outcome, started)
+            if (result := tail.result()) is not None:
+                await self.caller.charge(key_name_of(scope), name, result.get("structuredContent"))
 
     async def _stream(
         self, bridge: Bridge, body: bytes, headers: dict[str, str], ident: types.RequestId, receive: Receive,
@@ -250,15 +284,20 @@ class _LastEvent:
         if complete:
             self.last = complete[-1]
 
-    def outcome(self) -> ToolOutcome:
+    def result(self) -> dict[str, Any] | None:
+        """The tool result the last event (or whole JSON answer) carries, if it is one."""
         event = self.last or self.pending
         payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")) or event
         try:
             message = json.loads(payload)
-        except ValueError:
-            return "error"
+        except (ValueError, RecursionError):
+            return None
         result = message.get("result") if isinstance(message, dict) else None
-        return "ok" if isinstance(result, dict) and not result.get("isError") else "error"
+        return result if isinstance(result, dict) else None
+
+    def outcome(self) -> ToolOutcome:
+        result = self.result()
+        return "ok" if result is not None and not result.get("isError") else "error"
 
 
 def _tool_call(message: Any, scope: Scope) -> tuple[types.RequestId, str, dict[str, Any] | None] | None:

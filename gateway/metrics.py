@@ -20,13 +20,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ToolOutcome = Literal["ok", "error", "rejected", "cancelled"]
 LimitKind = Literal["tool", "other"]
+RefusalReason = Literal["budget", "model"]
 
 TOOL_OUTCOMES: tuple[str, ...] = get_args(ToolOutcome)
 LIMIT_KINDS: tuple[str, ...] = get_args(LimitKind)
+REFUSAL_REASONS: tuple[str, ...] = get_args(RefusalReason)
 
 ROUTES = (
     "/mcp", "/health", "/metrics", "/v1/tools", "/v1/tools/{name}", "/v1/bridges", "/v1/models", "/v1/stats",
-    "/openapi.json", "/",
+    "/openapi.json", "/", "/v1/dashboard/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
 )
 OTHER = "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -41,6 +43,8 @@ RATE_WINDOW_SECONDS = 60
 # Tool names come from the bridges, but a caller can ask for any name; past this many distinct
 # names the rest share one label, so a client cannot grow the series without bound.
 MAX_TOOL_LABELS = 500
+# The tokens-per-minute history the dashboard charts: one slot per minute.
+USAGE_HISTORY_MINUTES = 60
 
 
 def route_template(path: str) -> str:
@@ -75,6 +79,34 @@ class _RecentRate:
     def total(self) -> int:
         now = int(self.clock())
         return sum(count for count, second in zip(self.counts, self.seconds, strict=True) if now - second < self.window)
+
+
+class _PerMinute:
+    """Prompt and completion tokens per minute over the last `minutes`, in a fixed ring of slots."""
+
+    def __init__(self, minutes: int, clock: Callable[[], float]) -> None:
+        self.minutes = minutes
+        self.clock = clock
+        self.slots = [(-minutes, 0, 0)] * minutes  # (minute, prompt, completion)
+
+    def add(self, prompt: int, completion: int) -> None:
+        minute = int(self.clock() // 60)
+        slot = minute % self.minutes
+        at, prompt_before, completion_before = self.slots[slot]
+        if at != minute:
+            prompt_before = completion_before = 0
+        self.slots[slot] = (minute, prompt_before + prompt, completion_before + completion)
+
+    def series(self) -> dict[str, list[int]]:
+        """Oldest minute first; the last entry is the current minute."""
+        now = int(self.clock() // 60)
+        prompt, completion = [], []
+        for minute in range(now - self.minutes + 1, now + 1):
+            at, p, c = self.slots[minute % self.minutes]
+            fresh = at == minute
+            prompt.append(p if fresh else 0)
+            completion.append(c if fresh else 0)
+        return {"prompt": prompt, "completion": completion}
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
@@ -157,6 +189,34 @@ class Metrics:
             namespace=namespace,
             registry=self.registry,
         )
+        self.usage_calls = Counter(
+            "usage_calls",
+            "Calls that reached a model, by key name and model.",
+            ["key", "model"],
+            namespace=namespace,
+            registry=self.registry,
+        )
+        self.usage_prompt_tokens = Counter(
+            "usage_prompt_tokens",
+            "Prompt tokens LM Studio reported, by key name and model.",
+            ["key", "model"],
+            namespace=namespace,
+            registry=self.registry,
+        )
+        self.usage_completion_tokens = Counter(
+            "usage_completion_tokens",
+            "Completion tokens LM Studio reported, by key name and model.",
+            ["key", "model"],
+            namespace=namespace,
+            registry=self.registry,
+        )
+        self.usage_refused = Counter(
+            "usage_refused",
+            "Calls refused before routing, by key name and reason (budget: token budget spent; model: not allowed).",
+            ["key", "reason"],
+            namespace=namespace,
+            registry=self.registry,
+        )
 
         self._total = 0
         self._errors = 0
@@ -166,6 +226,10 @@ class Metrics:
         self._rejections: Tally[str] = Tally()
         self._outcomes: Tally[str] = Tally()
         self._tool_labels: set[str] = set()
+        self._model_labels: set[str] = set()
+        self._usage: dict[tuple[str, str], list[int]] = {}  # (key, model) -> [calls, prompt, completion]
+        self._refused: Tally[str] = Tally()
+        self._per_minute = _PerMinute(USAGE_HISTORY_MINUTES, clock)
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -213,13 +277,26 @@ class Metrics:
     def set_bridge_up(self, bridge: str, up: bool) -> None:
         self.bridge_up.labels(bridge).set(1 if up else 0)
 
+    def record_usage(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """One call by the key named `key` (never the key itself) to `model`, and the tokens it used."""
+        model = _bounded(self._model_labels, model)
+        self.usage_calls.labels(key, model).inc()
+        self.usage_prompt_tokens.labels(key, model).inc(prompt_tokens)
+        self.usage_completion_tokens.labels(key, model).inc(completion_tokens)
+        totals = self._usage.setdefault((key, model), [0, 0, 0])
+        totals[0] += 1
+        totals[1] += prompt_tokens
+        totals[2] += completion_tokens
+        self._per_minute.add(prompt_tokens, completion_tokens)
+
+    def usage_refusal(self, key: str, reason: RefusalReason) -> None:
+        if reason not in REFUSAL_REASONS:
+            raise ValueError(f"reason must be one of {REFUSAL_REASONS}, not {reason!r}")
+        self.usage_refused.labels(key, reason).inc()
+        self._refused[reason] += 1
+
     def _tool_label(self, tool: str) -> str:
-        if tool in self._tool_labels:
-            return tool
-        if len(self._tool_labels) >= MAX_TOOL_LABELS:
-            return OTHER
-        self._tool_labels.add(tool)
-        return tool
+        return _bounded(self._tool_labels, tool)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -249,7 +326,23 @@ class Metrics:
             "latency_samples": len(ordered),
             "rate_limited": {kind: self._rejections[kind] for kind in LIMIT_KINDS},
             "tool_calls": {outcome: self._outcomes[outcome] for outcome in TOOL_OUTCOMES},
+            "usage": [
+                {"key": key, "model": model, "calls": calls, "prompt_tokens": prompt, "completion_tokens": completion}
+                for (key, model), (calls, prompt, completion) in sorted(self._usage.items())
+            ],
+            "usage_refused": {reason: self._refused[reason] for reason in REFUSAL_REASONS},
+            "tokens_per_minute": self._per_minute.series(),
         }
+
+
+def _bounded(seen: set[str], label: str) -> str:
+    """`label`, or OTHER once MAX_TOOL_LABELS distinct ones are in use: callers can name anything."""
+    if label in seen:
+        return label
+    if len(seen) >= MAX_TOOL_LABELS:
+        return OTHER
+    seen.add(label)
+    return label
 
 
 class MetricsMiddleware:

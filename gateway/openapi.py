@@ -13,7 +13,7 @@ from mcp_server.jsonsafe import MAX_DEPTH
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _UNAUTHORIZED = {"description": "Missing or wrong API key", "content": {"application/json": {"schema": _ERROR}}}
 _LIMITED = {
-    "description": "Rate limit exceeded; see Retry-After",
+    "description": "Rate limit exceeded, or (for a call) the key's token budget is spent; see Retry-After",
     "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds until a retry may pass"}},
     "content": {"application/json": {"schema": _ERROR}},
 }
@@ -25,6 +25,50 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 _RETRY_AFTER = {"schema": {"type": "integer"}, "description": "Seconds until it is worth trying again"}
 
+_OPENAI_ERROR = {"$ref": "#/components/schemas/OpenAIError"}
+_OPENAI_UNAUTHORIZED = _json(_OPENAI_ERROR, "Missing or wrong API key (code invalid_api_key)")
+_OPENAI_LIMITED = {**_LIMITED, "content": {"application/json": {"schema": _OPENAI_ERROR}}}
+_OPENAI_CALLS = {
+    "/v1/chat/completions": "OpenAI chat completion (`stream: true` for server-sent events)",
+    "/v1/completions": "OpenAI text completion of a raw prompt (`stream: true` for server-sent events)",
+    "/v1/embeddings": "OpenAI embeddings of a string or a list of strings",
+}
+
+
+def _openai_call(path: str, summary: str) -> dict[str, Any]:
+    streams = path != "/v1/embeddings"
+    ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+    if streams:
+        ok["text/event-stream"] = {"schema": {"type": "string"}}
+    retry = {"Retry-After": _RETRY_AFTER}
+    return {
+        "post": {
+            "summary": summary,
+            "description": (
+                "Relayed to a bridge that has the body's `model` (loaded first) and from it to LM Studio; LM "
+                "Studio's answer comes back unchanged, status included. Retried once on another bridge when "
+                "the first proves down before anything was sent. A streamed call's usage chunk is sent only "
+                "when `stream_options.include_usage` is true."
+            ),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {
+                "200": {"description": "LM Studio's answer" + (" (JSON, or SSE chunks)" if streams else ""),
+                        "content": ok},
+                "400": _json(_OPENAI_ERROR, "The body is not a JSON object, lacks `model` or a required field, or "
+                             "holds what cannot be sent on; the message names it"),
+                "401": _OPENAI_UNAUTHORIZED,
+                "403": _json(_OPENAI_ERROR, "This key may not use the model (LLM_HUB_KEY_MODELS)"),
+                "404": _json(_OPENAI_ERROR, "No bridge has the model (code model_not_found)"),
+                "413": _json(_OPENAI_ERROR, "The body is larger than LLM_HUB_MAX_BODY_BYTES"),
+                "429": {**_OPENAI_LIMITED, "description": "Rate limit or token budget exceeded; see Retry-After"},
+                "502": _json(_OPENAI_ERROR, "The bridge or its LM Studio failed on the call (the message says which)"),
+                "503": {"description": "No bridge can serve the model now (the message names them and why)",
+                        "headers": retry, "content": {"application/json": {"schema": _OPENAI_ERROR}}},
+                "504": _json(_OPENAI_ERROR, "The call took longer than LLM_HUB_CALL_TIMEOUT"),
+            },
+        }
+    }
+
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -33,7 +77,8 @@ DOCUMENT: dict[str, Any] = {
         "version": __version__,
         "description": (
             "Plain HTTP access to the tools of every bridge behind this gateway (the same tools as the "
-            "MCP endpoint at /mcp). Every endpoint except GET /health needs `Authorization: Bearer <key>`."
+            "MCP endpoint at /mcp), and the OpenAI API for the models behind them. Every endpoint except "
+            "GET /health needs `Authorization: Bearer <key>`."
         ),
     },
     "components": {
@@ -123,6 +168,46 @@ DOCUMENT: dict[str, Any] = {
                 },
                 "required": ["model", "tools", "loaded", "slots", "in_flight"],
             },
+            "OpenAIError": {
+                "type": "object",
+                "description": "OpenAI's error envelope, which OpenAI clients raise as their own exceptions",
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": ["string", "null"]},
+                        },
+                        "required": ["message", "type", "param", "code"],
+                    }
+                },
+                "required": ["error"],
+            },
+            "OpenAIModel": {
+                "type": "object",
+                "description": "A model in OpenAI's shape, with where llm-hub serves it under `llm_hub`",
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer", "description": "When this gateway started (Unix seconds)"},
+                    "owned_by": {"type": "string", "description": "The id's publisher part, or llm-hub"},
+                    "llm_hub": {
+                        "type": "object",
+                        "properties": {
+                            "type": {"type": "string", "description": "llm or embedding"},
+                            "loaded_on": {"type": "array", "items": {"type": "string"},
+                                          "description": "Healthy bridges whose LM Studio has it loaded"},
+                            "bridges": {"type": "array", "items": {"type": "string"},
+                                        "description": "Bridges that have it, healthy or within their grace period"},
+                            "available": {"type": "boolean", "description": "true while a healthy bridge has it"},
+                        },
+                        "required": ["type", "loaded_on", "bridges", "available"],
+                    },
+                },
+                "required": ["id", "object", "created", "owned_by", "llm_hub"],
+            },
             "Model": {
                 "type": "object",
                 "description": "A model LM Studio serves, merged over the bridges that offer it",
@@ -201,6 +286,7 @@ DOCUMENT: dict[str, Any] = {
                         "The message names where.",
                     ),
                     "401": _UNAUTHORIZED,
+                    "403": _json(_ERROR, "This key may not use the tool's model (LLM_HUB_KEY_MODELS); the message names both"),
                     "404": _json(_ERROR, "No bridge has offered this tool within the grace period"),
                     "413": {"description": "Request body too large"},
                     "429": _LIMITED,
@@ -216,6 +302,26 @@ DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        "/v1/models": {
+            "get": {
+                "summary": "OpenAI's model list: the models this key may use, and where each is loaded",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "object": {"const": "list"},
+                                "data": {"type": "array", "items": {"$ref": "#/components/schemas/OpenAIModel"}},
+                            },
+                        },
+                        "The models",
+                    ),
+                    "401": _OPENAI_UNAUTHORIZED,
+                    "429": _OPENAI_LIMITED,
+                },
+            }
+        },
+        **{path: _openai_call(path, summary) for path, summary in _OPENAI_CALLS.items()},
         "/v1/bridges": {
             "get": {
                 "summary": "Each bridge's state, latency, tools, last error, and per model: loaded, slots, calls in flight",
@@ -228,9 +334,9 @@ DOCUMENT: dict[str, Any] = {
                 },
             }
         },
-        "/v1/models": {
+        "/v1/dashboard/models": {
             "get": {
-                "summary": "The models behind the healthy bridges, and whether each bridge reaches LM Studio",
+                "summary": "The models behind the healthy bridges, and whether each bridge reaches LM Studio (the dashboard's view)",
                 "description": (
                     "Asks each healthy bridge's list_models tool (at most 2 s each); bridges that are down, "
                     "slow or failing are listed under `skipped` with the reason. A bridge that is down but in "
@@ -290,9 +396,36 @@ DOCUMENT: dict[str, Any] = {
                                 "latency_samples": {"type": "integer"},
                                 "rate_limited": {"type": "object", "additionalProperties": {"type": "integer"}},
                                 "tool_calls": {"type": "object", "additionalProperties": {"type": "integer"}},
+                                "usage": {
+                                    "type": "array",
+                                    "description": "Per key name and model (those this key may use): calls and tokens",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "key": {"type": "string"},
+                                            "model": {"type": "string"},
+                                            "calls": {"type": "integer"},
+                                            "prompt_tokens": {"type": "integer"},
+                                            "completion_tokens": {"type": "integer"},
+                                        },
+                                    },
+                                },
+                                "usage_refused": {
+                                    "type": "object",
+                                    "description": "Calls refused before routing: `budget` (429) and `model` (403)",
+                                    "additionalProperties": {"type": "integer"},
+                                },
+                                "tokens_per_minute": {
+                                    "type": "object",
+                                    "description": "Tokens this gateway charged per minute over the last hour, oldest first",
+                                    "properties": {
+                                        "prompt": {"type": "array", "items": {"type": "integer"}},
+                                        "completion": {"type": "array", "items": {"type": "integer"}},
+                                    },
+                                },
                             },
                         },
-                        "Totals since start, recent rate and latency percentiles",
+                        "Totals since start, recent rate and latency percentiles, usage per key and model",
                     ),
                     "401": _UNAUTHORIZED,
                     "429": _LIMITED,

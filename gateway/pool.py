@@ -58,6 +58,12 @@ class ToolEntry:
     def available(self) -> bool:
         return any(b.healthy for b in self.bridges)
 
+    @property
+    def model(self) -> str | None:
+        """The model id behind the tool, as its bridges report it; None for a tool of no model
+        (`list_models`) or from a bridge that does not say."""
+        return next((model for b in self.bridges if (model := b.model_for(self.tool.name)) is not None), None)
+
     def unavailable_reason(self) -> str:
         reasons = "; ".join(f"{b.name}: {(b.last_error or 'not checked yet').rstrip('.')}" for b in self.bridges)
         return f"No bridge can take {self.tool.name} now. Bridges that have it: {reasons}."
@@ -70,7 +76,9 @@ class Bridge:
         self.url = url
         self.settings = settings
         token = settings.bridge_token.get_secret_value() if settings.bridge_token else None
-        self.client = BridgeClient(url, token=token, timeout=settings.call_timeout)
+        self.client = BridgeClient(
+            url, token=token, timeout=settings.call_timeout, connections=settings.bridge_connections
+        )
         self.name = self.client.name
         self._on_change = on_change
         self.healthy = False
@@ -93,7 +101,11 @@ class Bridge:
     # -- what routing reads ----------------------------------------------------------------
 
     def model_of(self, tool: str) -> str:
-        return self._tool_model.get(tool, tool)
+        return self.model_for(tool) or tool
+
+    def model_for(self, tool: str) -> str | None:
+        """The model id the tool calls, when this bridge's last report said."""
+        return self._tool_model.get(tool)
 
     def is_loaded(self, tool: str) -> bool:
         load = self.models.get(self.model_of(tool))

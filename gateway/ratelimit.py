@@ -2,6 +2,7 @@
 
 Redis unreachable: with `rate_limit_fail_open` (the default) requests pass and a warning is logged at
 most every 30 s, since a limiter outage should not become a gateway outage; otherwise they get 503.
+A Redis that hangs costs one `redis_timeout`, then is skipped until it answers (`breaker.py`).
 """
 
 from __future__ import annotations
@@ -24,19 +25,25 @@ from loguru import logger
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.breaker import GuardedStorage
 from gateway.refusal import RATE_LIMITED, UNAVAILABLE, refusal
 from gateway.settings import GatewaySettings
 from mcp_server.body import buffer_body
+from mcp_server.openai_relay import ENDPOINTS
+
+# A completion or an embedding through the OpenAI API counts like the tool call it stands for.
+OPENAI_CALLS = frozenset(path for path, method in ENDPOINTS.items() if method == "POST")
 
 if TYPE_CHECKING:
-    from redis.asyncio import ConnectionPool
+    from redis.asyncio import BlockingConnectionPool
 
 RequestKind = Literal["tool", "other"]
 
 MAX_INSPECTED_BODY = 4 * 1024 * 1024
 _WARN_EVERY_SECONDS = 30.0
-# A Redis that takes longer than this is treated as down: the check sits on every request's path.
-_REDIS_TIMEOUT_SECONDS = 1.0
+# Connections to Redis at most: a check takes well under a millisecond, so a few serve thousands of requests a
+# second, while a pool without a bound would open one per concurrent request, and spend descriptors with them.
+REDIS_CONNECTIONS = 32
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,8 @@ class RateLimiter:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self._pool: ConnectionPool | None = None
+        self._pool: BlockingConnectionPool | None = None
+        self._guarded: GuardedStorage | None = None
         self.storage = self._open_storage(settings.redis_url)
         # `hit()` is one atomic step in the store (a lock in memory, a Lua script in Redis), so a
         # burst cannot slip past the limit between a test and a count. A sliding-window counter is
@@ -75,25 +83,31 @@ class RateLimiter:
             storage = storage_from_string("async+memory://")
         else:
             # Imported here: Redis is only needed when several gateways share a budget.
-            from redis.asyncio import ConnectionPool
+            from redis.asyncio import BlockingConnectionPool
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
             # Our own pool so that aclose() can close it; one retry covers a pooled connection that
             # Redis dropped, while redis-py's default of ten backed-off retries would stall requests.
-            self._pool = ConnectionPool.from_url(
+            # Waiting for a free connection is bounded by the breaker's timeout, like the command itself.
+            timeout = self.settings.redis_timeout
+            self._pool = BlockingConnectionPool.from_url(
                 redis_url.removeprefix("async+"),
-                socket_connect_timeout=_REDIS_TIMEOUT_SECONDS,
-                socket_timeout=_REDIS_TIMEOUT_SECONDS,
+                socket_connect_timeout=timeout,
+                socket_timeout=timeout,
                 retry=Retry(NoBackoff(), 1),
+                max_connections=REDIS_CONNECTIONS,
+                timeout=None,
             )
-            storage = storage_from_string(
+            redis = storage_from_string(
                 "async+redis://",
                 implementation="redispy",
                 key_prefix="llm-hub",
                 wrap_exceptions=True,
                 connection_pool=self._pool,  # type: ignore[arg-type]
             )
+            assert isinstance(redis, Storage)
+            storage = self._guarded = GuardedStorage(redis, timeout)
         assert isinstance(storage, Storage)
         return storage
 
@@ -138,6 +152,16 @@ class RateLimiter:
         return Decision(
             allowed=self.settings.rate_limit_fail_open, limit=0, remaining=0, reset_after=1.0, unavailable=True
         )
+
+    async def run(self) -> None:
+        """The breaker's probe, while the gateway runs (nothing to do for counts kept in memory)."""
+        if self._guarded is not None:
+            await self._guarded.run()
+
+    def store_unreachable(self, exc: Exception) -> bool:
+        """For other counts kept in `storage` (token budgets): logs the outage as the limits do, and
+        says whether to let the request through."""
+        return self._store_down(exc).allowed
 
     async def aclose(self) -> None:
         if self._pool is not None:
@@ -186,7 +210,7 @@ class RateLimitMiddleware:
         path: str = scope["path"]
         if scope["method"] != "POST":
             return "other", receive
-        if path.startswith("/v1/tools/") and len(path) > len("/v1/tools/"):
+        if (path.startswith("/v1/tools/") and len(path) > len("/v1/tools/")) or path in OPENAI_CALLS:
             return "tool", receive
         if path.rstrip("/") != "/mcp":
             return "other", receive

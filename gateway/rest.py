@@ -16,10 +16,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.auth import key_name_of
 from gateway.pool import BridgePool
 from gateway.router import Unavailable
 from gateway.server import InvalidInput, ToolCaller, UnknownTool
 from gateway.upstream import CallRejected, GatewayBusy
+from gateway.usage import UsageRefused
 
 
 def _dump(model: Any) -> Any:
@@ -45,17 +47,27 @@ class RestApi:
             Route("/v1/bridges", self.bridges, methods=["GET"]),
         ]
 
-    async def list_tools(self, _request: Request) -> Response:
+    async def list_tools(self, request: Request) -> Response:
         tools = []
+        key_name = key_name_of(request.scope)
         for entry in self.pool.union().values():
+            if not self.caller.accounting.may_use_tool(key_name, entry.model):
+                continue
             tool = {**_dump(entry.tool), "available": entry.available, "bridges": [b.name for b in entry.bridges]}
             if not entry.available:
                 tool["unavailable_reason"] = entry.unavailable_reason()
             tools.append(tool)
         return JSONResponse({"tools": tools})
 
-    async def bridges(self, _request: Request) -> Response:
-        return JSONResponse({"bridges": [bridge.state() for bridge in self.pool.bridges]})
+    async def bridges(self, request: Request) -> Response:
+        key_name, accounting = key_name_of(request.scope), self.caller.accounting
+        states = []
+        for bridge in self.pool.bridges:
+            state = bridge.state()
+            state["tools"] = [t for t in state["tools"] if accounting.may_use_tool(key_name, bridge.model_for(t))]
+            state["models"] = [m for m in state["models"] if accounting.may_use(key_name, m["model"])]
+            states.append(state)
+        return JSONResponse({"bridges": states})
 
     async def call_tool(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -74,13 +86,18 @@ class RestApi:
             return _problem(400, str(exc))
         except UnknownTool:
             return _problem(404, f"Unknown tool {name!r}; GET /v1/tools lists the tools available now.")
+        key_name = key_name_of(request.scope)
+        try:
+            await self.caller.admit(key_name, name)
+        except UsageRefused as exc:
+            return _problem(exc.status, str(exc), exc.headers())
         if "text/event-stream" in request.headers.get("accept", ""):
             entry = self.pool.union()[name]
             if not entry.available:  # a status the client can act on, before the stream starts
                 return _problem(503, entry.unavailable_reason(), {"Retry-After": str(self.pool.retry_after(entry))})
-            return self._stream(name, arguments)
+            return self._stream(name, arguments, key_name)
         try:
-            result = await self.caller.call(name, arguments, None)
+            result = await self.caller.call(name, arguments, None, key_name)
         except Unavailable as exc:
             return _problem(503, str(exc), {"Retry-After": str(exc.retry_after)})
         except GatewayBusy as exc:
@@ -89,7 +106,7 @@ class RestApi:
             return _problem(502, f"The bridge refused the call: {exc}")
         return JSONResponse(_dump(result))
 
-    def _stream(self, name: str, arguments: dict[str, Any]) -> Response:
+    def _stream(self, name: str, arguments: dict[str, Any], key_name: str | None) -> Response:
         """`progress` events as text arrives, then one `result` event.
 
         The call runs as sse-starlette's data sender, inside the response's task group, so a
@@ -107,7 +124,7 @@ class RestApi:
         async def run() -> None:
             async with send:
                 try:
-                    result = await self.caller.call(name, arguments, progress)
+                    result = await self.caller.call(name, arguments, progress, key_name)
                 except (Unavailable, GatewayBusy, CallRejected) as exc:
                     result = types.CallToolResult(content=[types.TextContent(type="text", text=str(exc))], is_error=True)
                 await send.send(ServerSentEvent(json.dumps(_dump(result)), event="result"))

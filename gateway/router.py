@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import mcp_types as types
 from loguru import logger
@@ -30,6 +30,7 @@ from gateway.settings import GatewaySettings
 from gateway.upstream import BridgeDown, Progress, UpstreamError
 
 _AFFINITY_ENTRIES = 10_000
+T = TypeVar("T")
 
 
 class Unavailable(Exception):
@@ -108,33 +109,56 @@ class Router:
         self, name: str, arguments: dict[str, Any] | None, progress: Progress | None, meta: dict[str, Any]
     ) -> tuple[types.CallToolResult, Bridge]:
         """Run the call on the best bridge; `progress=None` means the caller sees nothing until the result."""
-        candidates = self.candidates(name, arguments)
+        relayed = False
+
+        async def relay(value: float, total: float | None, message: str | None) -> None:
+            nonlocal relayed
+            relayed = True
+            assert progress is not None
+            await progress(value, total, message)
+
+        async def run(bridge: Bridge) -> types.CallToolResult:
+            return await bridge.client.call_tool(name, arguments, relay if progress else None, meta)
+
+        return await self.attempt(name, arguments, run, lambda: relayed)
+
+    async def attempt(
+        self, tool: str, arguments: dict[str, Any] | None, run: Callable[[Bridge], Awaitable[T]],
+        relayed: Callable[[], bool] = lambda: False,
+    ) -> tuple[T, Bridge]:
+        """`run(bridge)` on the best bridge for the tool, counted; the retry rule for every call path.
+
+        A bridge that proves down (`BridgeDown`) is ejected, and the call goes once to the next best,
+        unless `relayed()` says part of the answer already reached the caller (`StreamBroken`).
+        Raises `Unavailable` when no bridge could take it.
+        """
+        candidates = self.candidates(tool, arguments)
         if not candidates:
-            raise self.unavailable(name)
+            raise self.unavailable(tool)
         failures: list[str] = []
         for bridge in candidates[:2]:
-            relayed = False
-
-            async def relay(value: float, total: float | None, message: str | None) -> None:
-                nonlocal relayed
-                relayed = True
-                assert progress is not None
-                await progress(value, total, message)
-
             try:
-                with self.counted(bridge, name):
-                    result = await bridge.client.call_tool(name, arguments, relay if progress else None, meta)
-                return result, bridge
+                with self.counted(bridge, tool):
+                    return await run(bridge), bridge
             except BridgeDown as exc:
                 await bridge.eject(str(exc))
                 failures.append(str(exc))
-                if relayed:
+                if relayed():
                     raise StreamBroken(
                         f"{exc}. The answer had already started streaming, so it was not retried; call the tool again."
                     ) from exc
-                logger.warning("call to {} on {} failed before reaching its caller; {}", name, bridge.name,
+                logger.warning("call to {} on {} failed before reaching its caller; {}", tool, bridge.name,
                                "retrying on another bridge" if len(candidates) > 1 else "no other bridge has it")
         raise Unavailable("; ".join(failures), retry_after=1)
+
+    def tool_for(self, model: str) -> str | None:
+        """A tool of the model on some bridge still within its grace period (routing ranks by the tool's
+        model, so any of them will do), or None when no bridge has reported the model."""
+        for bridge in self.pool.bridges:
+            load = bridge.models.get(model)
+            if load is not None and load.tools and bridge.in_grace():
+                return load.tools[0]
+        return None
 
     def unavailable(self, name: str) -> Unavailable:
         entry = self.pool.union().get(name)

@@ -16,14 +16,18 @@ import mcp_types as types
 from loguru import logger
 from mcp.server import ServerRequestContext
 from mcp.shared.exceptions import MCPError
+from starlette.requests import Request
 
 from gateway import __version__
+from gateway.auth import key_name_of
+from gateway.heartbeat import kept_alive
 from gateway.metrics import Metrics, ToolOutcome
 from gateway.pool import BridgePool
 from gateway.request_id import current_request_id
 from gateway.router import Router, StreamBroken, Unavailable
 from gateway.settings import GatewaySettings
 from gateway.upstream import CallFailed, CallRejected, GatewayBusy, Progress
+from gateway.usage import Accounting, tokens_used
 from mcp_server.delivery import ProgressRelay
 from mcp_server.jsonsafe import unsendable
 from mcp_server.notify import ChangeNotifier, ListChangedServer
@@ -42,14 +46,18 @@ class ToolCaller:
     """A tool call through the gateway, shared by the MCP endpoint and the REST one.
 
     Raises `InvalidInput`, `UnknownTool`, `Unavailable`, `GatewayBusy` and `CallRejected` for the
-    edge to map to its own statuses; every other failure is an `is_error` result saying what happened.
+    edge to map to its own statuses (and `admit` the refusals of `gateway.usage`); every other
+    failure is an `is_error` result saying what happened.
     """
 
-    def __init__(self, pool: BridgePool, router: Router, metrics: Metrics, settings: GatewaySettings) -> None:
+    def __init__(
+        self, pool: BridgePool, router: Router, metrics: Metrics, settings: GatewaySettings, accounting: Accounting
+    ) -> None:
         self.pool = pool
         self.router = router
         self.metrics = metrics
         self.settings = settings
+        self.accounting = accounting
 
     def check(self, name: str, arguments: Any) -> None:
         """Refuse what no bridge could take: unsendable input, unknown tools."""
@@ -60,8 +68,28 @@ class ToolCaller:
         if name not in self.pool.union():
             raise UnknownTool(f"Unknown tool {name!r}: no bridge offers it. List the tools again.")
 
-    async def call(self, name: str, arguments: dict[str, Any] | None, progress: Progress | None) -> types.CallToolResult:
-        """`progress=None`: the caller receives nothing until the result (so a retry is always safe)."""
+    def visible(self, key_name: str | None) -> list[types.Tool]:
+        """The union's tools this key may call."""
+        union = self.pool.union()
+        return [tool for tool in self.pool.tools() if self.accounting.may_use_tool(key_name, union[tool.name].model)]
+
+    async def admit(self, key_name: str | None, name: str) -> None:
+        """Raises `Forbidden` or `OverBudget` when the key may not call this (known) tool now."""
+        await self.accounting.admit_tool(key_name, name, self.pool.union()[name].model)
+
+    async def charge(self, key_name: str | None, name: str, structured: Any) -> None:
+        """Charges the key for a call the bridge answered, from the usage in its structured result."""
+        entry = self.pool.union().get(name)
+        if entry is not None and (model := entry.model) is not None:
+            await self.accounting.charge(key_name, model, *tokens_used(structured))
+
+    async def call(
+        self, name: str, arguments: dict[str, Any] | None, progress: Progress | None, key_name: str | None
+    ) -> types.CallToolResult:
+        """`progress=None`: the caller receives nothing until the result (so a retry is always safe).
+
+        Admission (`admit`) is the edge's to check first; the call is charged to `key_name` here.
+        """
         self.check(name, arguments)
         started = time.monotonic()
         bridge_name = "none"
@@ -70,12 +98,14 @@ class ToolCaller:
         meta = {REQUEST_ID_META: request_id} if request_id else {}
         try:
             with anyio.fail_after(self.settings.call_timeout):
-                result, bridge = await self.router.call(name, arguments, progress, meta)
+                async with kept_alive(progress, self.settings.heartbeat_interval) as relayed:
+                    result, bridge = await self.router.call(name, arguments, relayed, meta)
             if result.meta:  # the bridge's name is not this server's: the SDK stamps the gateway's
                 result.meta.pop(types.SERVER_INFO_META_KEY, None)
                 result.meta = result.meta or None
             bridge_name = bridge.name
             outcome = "error" if result.is_error else "ok"
+            await self.charge(key_name, name, result.structured_content)
             return result
         except TimeoutError:
             return _error(f"The call to {name} took longer than {self.settings.call_timeout:g} s (LLM_HUB_CALL_TIMEOUT).")
@@ -130,8 +160,9 @@ class GatewayServer:
         entry = self.pool.union().get(name)
         return entry.tool.input_schema if entry else None
 
-    async def _list_tools(self, _ctx: ServerRequestContext[Any], _params: Any) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=self.pool.tools())
+    async def _list_tools(self, ctx: ServerRequestContext[Any], _params: Any) -> types.ListToolsResult:
+        # Each key sees the tools of its own models, so no cache may hand one caller's list to another.
+        return types.ListToolsResult(tools=self.caller.visible(_key_name(ctx)), cache_scope="private")
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         relay = ProgressRelay(ctx)
@@ -142,7 +173,8 @@ class GatewayServer:
                 await relay.report(value, message, total)
 
         try:
-            result = await self.caller.call(params.name, params.arguments, progress)
+            # Admission was checked at the HTTP edge (`fastpath.py`), where a refusal gets its status.
+            result = await self.caller.call(params.name, params.arguments, progress, _key_name(ctx))
             await relay.settle()  # as the bridge does: TypeScript clients drop progress read with the result
             return result
         except (InvalidInput, UnknownTool) as exc:
@@ -158,3 +190,8 @@ class GatewayServer:
             logger.error("tool {} failed inside the gateway: {} at {}:{}", params.name, type(exc).__name__,
                          frame.filename, frame.lineno)
             return _error(f"The gateway failed on this call (request id {current_request_id()}); its log has why.")
+
+
+def _key_name(ctx: ServerRequestContext[Any]) -> str | None:
+    """The caller's key name (`auth.py`); None for a caller from inside the process, which no key limits."""
+    return key_name_of(ctx.request.scope) if isinstance(ctx.request, Request) else None

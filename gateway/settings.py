@@ -36,14 +36,46 @@ class GatewaySettings(BaseSettings):
         default_factory=list, description="Per-key tool-call limits, comma-separated `NAME=LIMIT` (e.g. ci=600/minute)."
     )
     request_limit: str = Field("600/minute", description="Other requests per key: only stops floods.")
+    token_limit: str | None = Field(
+        None, description="Default token budget per key (prompt + completion), e.g. 100000/minute;2000000/day; "
+        "none by default.",
+    )
+    key_token_limits: CommaList = Field(
+        default_factory=list, description="Per-key token budgets, comma-separated `NAME=BUDGET` (e.g. ci=1000/minute)."
+    )
+    key_models: CommaList = Field(
+        default_factory=list,
+        description="Models a key may use, comma-separated `NAME=GLOB|GLOB` on model ids (e.g. "
+        "ci=google/gemma-*|qwen/*); a key not named may use every model.",
+    )
     redis_url: str | None = Field(None, description="Redis URL: several gateways then share one budget.")
     rate_limit_fail_open: bool = Field(
         True, description="When Redis is unreachable: let requests through (true) or refuse them with 503 (false)."
+    )
+    redis_timeout: float = Field(
+        0.5, gt=0, le=5, description="Seconds a Redis answer may take; slower counts as down, and Redis is skipped "
+        "until a probe finds it answering again.",
     )
     cors_origins: CommaList = Field(default_factory=list, description="Origins allowed by CORS (none by default).")
     health_interval: float = Field(30.0, gt=0, description="Seconds between bridge health checks.")
     health_timeout: float = Field(5.0, gt=0, description="Seconds a bridge health check may take.")
     call_timeout: float = Field(600.0, gt=0, description="Seconds a tool call through the gateway may take.")
+    heartbeat_interval: float = Field(
+        5.0, gt=0, le=5, description="Seconds between keep-alive progress updates while a call waits for its bridge "
+        "to begin answering (a free connection, a free slot).",
+    )
+    bridge_connections: int = Field(
+        256, ge=2, description="Connections to each bridge (a quarter kept alive when idle; one is its change "
+        "stream); calls beyond wait for one, with heartbeats.",
+    )
+    max_sessions_per_key: int = Field(
+        100, ge=1, description="Handshake-era MCP sessions one key may hold open; more are refused (429) until "
+        "some end or expire.",
+    )
+    session_idle_timeout: float = Field(
+        600.0, gt=0, description="Seconds a handshake-era MCP session may go without a request (or an open "
+        "stream) before it is closed.",
+    )
     routing: Literal["loaded", "round-robin"] = Field(
         "loaded", description="`loaded`: to a bridge that has the model loaded, fewest calls per slot; or `round-robin`."
     )
@@ -99,11 +131,13 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"not a Redis URL ({exc}), e.g. redis://localhost:6379/0") from None
         return value
 
-    @field_validator("rate_limit", "request_limit")
+    @field_validator("rate_limit", "request_limit", "token_limit")
     @classmethod
-    def _limit(cls, value: str) -> str:
+    def _limit(cls, value: str | None) -> str | None:
         from limits import parse_many
 
+        if value is None:  # no token budget
+            return None
         try:
             items = parse_many(value)
         except ValueError:
@@ -112,20 +146,23 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"{value!r} would refuse everything: allow at least 1, e.g. '60/minute'")
         return value
 
-    @field_validator("key_limits")
+    @field_validator("key_limits", "key_token_limits")
     @classmethod
     def _key_limits(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        # api_keys is validated first (it is declared first), and is missing here only if it was refused.
-        names = {split_key(entry)[0] for entry in info.data.get("api_keys", [])}
+        example = "ci=600/minute" if info.field_name == "key_limits" else "ci=1000/minute"
         for entry in value:
-            name, sep, limit = entry.partition("=")
-            if not sep or not name.strip():
-                raise ValueError(f"{entry!r} must look like NAME=LIMIT, e.g. ci=600/minute")
-            cls._limit(limit.strip())
-            if "api_keys" in info.data and name.strip() not in names:
-                known = ", ".join(sorted(names)) or "none"
-                raise ValueError(f"{entry!r} limits a key named {name.strip()!r}, which LLM_HUB_API_KEYS does not "
-                                 f"have (its names: {known})")
+            _, limit = _per_key(entry, info, "limits", f"NAME=LIMIT, e.g. {example}")
+            cls._limit(limit)
+        return value
+
+    @field_validator("key_models")
+    @classmethod
+    def _key_models(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for entry in value:
+            _, globs = _per_key(entry, info, "gives models to", "NAME=GLOB|GLOB, e.g. ci=google/gemma-*|qwen/*")
+            if any(not glob.strip() for glob in globs.split("|")):
+                raise ValueError(f"{entry!r} has an empty model glob: separate globs with a single '|', "
+                                 "e.g. ci=google/gemma-*|qwen/*")
         return value
 
     def keys(self) -> dict[str, str]:
@@ -134,11 +171,39 @@ class GatewaySettings(BaseSettings):
 
     def limit_for(self, key_name: str) -> str:
         """The tool-call limit of one key, falling back to the default."""
-        for entry in self.key_limits:
-            name, _, limit = entry.partition("=")
-            if name.strip() == key_name:
-                return limit.strip()
-        return self.rate_limit
+        return _value_for(self.key_limits, key_name) or self.rate_limit
+
+    def token_limit_for(self, key_name: str) -> str | None:
+        """The token budget of one key, falling back to the default; None: no budget."""
+        return _value_for(self.key_token_limits, key_name) or self.token_limit
+
+    def models_for(self, key_name: str) -> list[str] | None:
+        """The model-id globs one key may use; None: every model."""
+        globs = _value_for(self.key_models, key_name)
+        return None if globs is None else [glob.strip() for glob in globs.split("|")]
+
+
+def _per_key(entry: str, info: ValidationInfo, verb: str, shape: str) -> tuple[str, str]:
+    """A `NAME=VALUE` entry of a per-key setting as (name, value), its name checked against the keys."""
+    name, sep, value = (part.strip() for part in entry.partition("="))
+    if not sep or not name:
+        raise ValueError(f"{entry!r} must look like {shape}")
+    # api_keys is validated first (it is declared first), and is missing here only if it was refused.
+    if "api_keys" in info.data:
+        names = {split_key(key)[0] for key in info.data["api_keys"]}
+        if name not in names:
+            known = ", ".join(sorted(names)) or "none"
+            raise ValueError(f"{entry!r} {verb} a key named {name!r}, which LLM_HUB_API_KEYS does not have "
+                             f"(its names: {known})")
+    return name, value
+
+
+def _value_for(entries: list[str], key_name: str) -> str | None:
+    for entry in entries:
+        name, _, value = entry.partition("=")
+        if name.strip() == key_name:
+            return value.strip()
+    return None
 
 
 def split_key(entry: str) -> tuple[str, str]:

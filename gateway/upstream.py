@@ -31,6 +31,7 @@ from mcp_types.version import LATEST_MODERN_VERSION
 from pydantic import ValidationError
 
 from gateway import __version__
+from mcp_server.openai_relay import SOURCE_HEADER as RELAY_SOURCE_HEADER
 
 PROTOCOL_VERSION = LATEST_MODERN_VERSION
 ACCEPT = "application/json, text/event-stream"
@@ -87,21 +88,34 @@ class BridgeClient:
         self.url = url
         self.name = url.split("://", 1)[-1]
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        # The read timeout only has to outlast the bridge's heartbeats (at most 5 s apart).
+        # The read timeout only has to outlast the bridge's heartbeats (at most 5 s apart). A call that finds
+        # every connection taken waits for one within its own deadline: the pool is a queue (the caller gets
+        # heartbeats meanwhile), not a shortage to report.
         self.http = httpx2.AsyncClient(
             base_url=url,
             headers=headers,
-            timeout=httpx2.Timeout(timeout, connect=5.0, read=60.0, pool=5.0),
+            timeout=httpx2.Timeout(timeout, connect=5.0, read=60.0, pool=timeout),
             limits=httpx2.Limits(
-                max_connections=connections, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_SECONDS
+                max_connections=connections,
+                max_keepalive_connections=max(1, connections // 4),
+                keepalive_expiry=KEEPALIVE_SECONDS,
             ),
+        )
+        # Health checks have a connection of their own, so a pool full of calls never delays one or reads as a
+        # failed check.
+        self.health_http = httpx2.AsyncClient(
+            base_url=url,
+            headers=headers,
+            limits=httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=KEEPALIVE_SECONDS),
         )
         # Joined once: merging a relative "/mcp" into the base URL is half of building each request.
         self._mcp_url = self.http.base_url.join("mcp")
+        self._relay_urls: dict[str, httpx2.URL] = {}
         self._ids = itertools.count(1)
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        await self.health_http.aclose()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -132,11 +146,33 @@ class BridgeClient:
                     raise BridgeDown(f"bridge {self.name} answered HTTP {response.status_code}")
                 yield response
 
+    @asynccontextmanager
+    async def relay(self, path: str, body: bytes, headers: dict[str, str], timeout: float) -> AsyncIterator[httpx2.Response]:
+        """POST to the bridge's OpenAI relay (`path` such as `/v1/chat/completions`); the response is
+        open (streaming) inside the context.
+
+        Raises `BridgeDown` for a 5xx the bridge itself answered, or its relay saying its LM Studio is
+        not reachable (another bridge may serve the call); LM Studio's own answers, errors included,
+        are the caller's to pass on.
+        """
+        url = self._relay_urls.get(path) or self._relay_urls.setdefault(path, self.http.base_url.join(path.lstrip("/")))
+        # No read deadline short of the call's: LM Studio sends nothing while it loads a model or reads a long prompt.
+        limits = httpx2.Timeout(timeout, connect=5.0)
+        async with AsyncExitStack() as stack:
+            with _mapped(self.name):
+                response = await self._open(stack, body, headers, limits, url)
+                source = response.headers.get(RELAY_SOURCE_HEADER)
+                if source is None and response.status_code >= 500:
+                    raise BridgeDown(f"bridge {self.name} answered HTTP {response.status_code}")
+                if source == "bridge" and response.status_code == 503:
+                    raise BridgeDown(f"bridge {self.name} cannot reach its LM Studio")
+                yield response
+
     async def _open(
-        self, stack: AsyncExitStack, body: bytes, headers: dict[str, str], timeout: Any
+        self, stack: AsyncExitStack, body: bytes, headers: dict[str, str], timeout: Any, url: httpx2.URL | None = None
     ) -> httpx2.Response:
         def request() -> AbstractAsyncContextManager[httpx2.Response]:
-            return self.http.stream("POST", self._mcp_url, content=body, headers=headers, timeout=timeout)
+            return self.http.stream("POST", url or self._mcp_url, content=body, headers=headers, timeout=timeout)
 
         try:
             return await stack.enter_async_context(request())
@@ -203,7 +239,12 @@ class BridgeClient:
 
     async def health(self, timeout: float) -> httpx2.Response:
         with _mapped(self.name):
-            return await self.http.get("/health", timeout=timeout)
+            try:
+                return await self.health_http.get("/health", timeout=timeout)
+            except httpx2.ReadTimeout as exc:  # the calls' message would name their 60 s
+                raise CallFailed(
+                    f"bridge {self.name} did not answer /health within {timeout:g} s (LLM_HUB_HEALTH_TIMEOUT)"
+                ) from exc
 
     # -- reading answers -----------------------------------------------------------------
 
@@ -256,7 +297,8 @@ class _mapped:
             raise BridgeDown(f"bridge {self.name} is not reachable ({_reason(exc)})") from exc
         if isinstance(exc, httpx2.ReadTimeout):
             raise CallFailed(f"bridge {self.name} sent nothing for 60 s") from exc
-        if isinstance(exc, httpx2.TransportError):
+        # A reset or broken pipe that reached us unwrapped says the same as httpx2's own errors.
+        if isinstance(exc, httpx2.TransportError | ConnectionError):
             where = "in the middle of its answer" if self.mid_answer else "before answering"
             raise BridgeDown(f"bridge {self.name} closed the connection {where} ({_reason(exc)})") from exc
         raise CallFailed(f"bridge {self.name}: {_reason(exc)}") from exc
@@ -279,6 +321,9 @@ def _out_of_resources(exc: BaseException) -> bool:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _EXHAUSTED:
             return True
+        # A name with several addresses fails as a group of attempts (anyio's connect_tcp).
+        if isinstance(seen, BaseExceptionGroup):
+            return any(_out_of_resources(inner) for inner in seen.exceptions)
         seen = seen.__cause__ or seen.__context__
     return False
 

@@ -530,6 +530,7 @@ def gateway_main(argv: Sequence[str] | None = None) -> None:
     [sock] = _listen(given, [Address("port", settings.host, settings.port, "--port (or LLM_HUB_PORT)",
                                      "--host (or LLM_HUB_HOST)")])
     setup_logging(settings.log_level, settings.log_format)
+    raise_open_file_limit()
     _announce_gateway(settings, sock, "{} {} on {} in front of {} bridge(s)", given.prog, __version__, _url(sock),
                       len(settings.bridges))
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the server took the signal: a normal stop
@@ -541,11 +542,13 @@ def serve(given: Given, **fixed: Any) -> None:
     settings = given.load(BridgeSettings, **fixed)
     if settings.transport == "stdio":
         setup_logging(settings.log_level, settings.log_format)
+        raise_open_file_limit()
         anyio.run(_stdio, settings)
         return
     [sock] = _listen(given, [Address("port", settings.host, settings.port, "--port (or LLM_HUB_PORT)",
                                      "--host (or LLM_HUB_HOST)")])
     setup_logging(settings.log_level, settings.log_format)
+    raise_open_file_limit()
     if not settings.is_loopback and settings.bridge_token is None:
         logger.warning(
             "bridge bound to {} without LLM_HUB_BRIDGE_TOKEN: anyone who can reach this port can use your "
@@ -577,9 +580,32 @@ def up(given: Given) -> None:
     # A person at a terminal reads text; JSON lines are for log collectors, and still the default elsewhere.
     text = "log_format" not in settings.model_fields_set and sys.stderr.isatty()
     setup_logging(settings.log_level, "text" if text else settings.log_format)
+    raise_open_file_limit()
     _announce_gateway(settings, gateway_sock, "{} {}: the bridge on {} (LM Studio at {}), the gateway on {}",
                       given.prog, __version__, _url(bridge_sock), bridge.lmstudio_url, _url(gateway_sock))
     anyio.run(_up, bridge, settings, bridge_sock, gateway_sock, backend_options=HTTP_LOOP)
+
+
+def raise_open_file_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit. Every stream holds a descriptor or two
+    (the gateway: its caller's connection and one to a bridge), and the common soft default of 1,024 would hold a
+    few hundred, however high the hard limit an operator set."""
+    if sys.platform == "win32":
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit is not a value the soft one may take everywhere (macOS caps it): then a large one.
+    wanted = hard if hard != resource.RLIM_INFINITY else 1_048_576
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        logger.debug("open-file limit: {} (the hard limit)", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        logger.debug("open-file limit kept at {} (raising it to {} failed: {})", soft, wanted, exc)
+        return
+    logger.info("open-file limit raised from {} to {} (the hard limit)", soft, wanted)
 
 
 def _announce_gateway(settings: GatewaySettings, sock: socket.socket, started: str, *args: Any) -> None:

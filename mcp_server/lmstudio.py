@@ -224,16 +224,21 @@ class LMStudioClient:
 
     def __init__(
         self, base_url: str, *, token: str | None = None, timeout: float = 300.0,
-        keepalive_expiry: float = KEEPALIVE_EXPIRY,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY, connections: int = 64,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # A call waiting for a free connection waits within its own deadline (and sends heartbeats meanwhile).
         self._http = httpx2.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx2.Timeout(timeout, connect=min(5.0, timeout)),
-            limits=httpx2.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=keepalive_expiry),
+            limits=httpx2.Limits(
+                max_connections=connections,
+                max_keepalive_connections=max(1, connections // 4),
+                keepalive_expiry=keepalive_expiry,
+            ),
         )
         self.flavour: ApiFlavour | None = None
 
@@ -283,9 +288,9 @@ class LMStudioClient:
 
     async def _fetch(self, request: httpx2.Request) -> httpx2.Response:
         """A whole answer; a failure while its body arrives is not retried (see `_send`)."""
-        with self._mapped_errors():
+        with self.mapped_errors():
             response = await self._send(request)
-        with self._mapped_errors(mid_stream=True):
+        with self.mapped_errors(mid_stream=True):
             try:
                 await response.aread()
             finally:
@@ -325,7 +330,7 @@ class LMStudioClient:
         which is how LM Studio learns to stop generating.
         """
         request = self._http.build_request("POST", path, json={**body, "stream": True})
-        with self._mapped_errors():
+        with self.mapped_errors():
             response = await self._send(request)
             try:
                 if response.status_code >= 400:
@@ -335,9 +340,21 @@ class LMStudioClient:
             finally:
                 await response.aclose()
 
+    @asynccontextmanager
+    async def relay(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> AsyncIterator[httpx2.Response]:
+        """A request passed on as bytes (`openai_relay.py`): the answer, whatever its status, open
+        inside the context; leaving it closes the request, which stops LM Studio generating."""
+        request = self._http.build_request(method, path, content=body or None, headers=headers)
+        with self.mapped_errors():
+            response = await self._send(request)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
     async def _chunks(self, response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
         done = False
-        with self._mapped_errors(mid_stream=True):
+        with self.mapped_errors(mid_stream=True):
             async for line in response.aiter_lines():
                 # After [DONE] the rest is read, not parsed: a response left unread cannot go back
                 # to the pool, and a new connection per call costs more than the call itself.
@@ -359,7 +376,8 @@ class LMStudioClient:
 
     # -- error mapping -------------------------------------------------------------------
 
-    def _mapped_errors(self, *, mid_stream: bool = False) -> _ErrorMapper:
+    def mapped_errors(self, *, mid_stream: bool = False) -> _ErrorMapper:
+        """A context that turns httpx2's errors into the `LMStudioError` family (also for `relay`'s callers)."""
         return _ErrorMapper(self.base_url, self.timeout, mid_stream)
 
     def _raise_for_status(self, response: httpx2.Response) -> None:

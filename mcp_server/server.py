@@ -20,7 +20,7 @@ import mcp_types as types
 from loguru import logger
 from mcp.server import Server, ServerRequestContext
 from mcp.server.stdio import stdio_server
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
@@ -38,6 +38,7 @@ from mcp_server.errors import LMStudioError, ModelNotFound
 from mcp_server.jsonsafe import refused_tool_call, unsendable
 from mcp_server.lmstudio import LMStudioClient
 from mcp_server.notify import ChangeNotifier, ListChangedServer
+from mcp_server.openai_relay import OpenAIRelay, openai_error
 from mcp_server.registry import ModelRegistry
 from mcp_server.settings import BridgeSettings
 from mcp_server.tools import (
@@ -56,7 +57,7 @@ MODELS_URI = "llm-hub://models"
 REQUEST_ID_META = "llm-hub/request-id"
 """`_meta` key under which a gateway sends its X-Request-ID with a tool call."""
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# The SDK refuses larger bodies (413) itself.
+# The SDK refuses larger bodies on /mcp (413) itself; the OpenAI relay refuses them alike.
 _MAX_CHECKED_BODY = 4 * 1024 * 1024
 
 
@@ -66,7 +67,9 @@ class Bridge:
     def __init__(self, settings: BridgeSettings) -> None:
         self.settings = settings
         token = settings.lmstudio_api_token.get_secret_value() if settings.lmstudio_api_token else None
-        self.client = LMStudioClient(settings.lmstudio_url, token=token, timeout=settings.request_timeout)
+        self.client = LMStudioClient(
+            settings.lmstudio_url, token=token, timeout=settings.request_timeout, connections=settings.lmstudio_connections
+        )
         self.registry = ModelRegistry(self.client, settings)
         self.notifier = ChangeNotifier()
         self.registry.on_change(self.notifier.tools_changed)
@@ -303,15 +306,16 @@ class Bridge:
             body = self.health()
             return JSONResponse(body, status_code=200 if self.registry.reachable else 503)
 
+        relay = OpenAIRelay(self.client, TransportSecurityMiddleware(security), _MAX_CHECKED_BODY)
         app = self.server.streamable_http_app(
             streamable_http_path="/mcp",
             host=settings.host,
             transport_security=security,
-            custom_starlette_routes=[Route("/health", health, methods=["GET"])],
+            custom_starlette_routes=[Route("/health", health, methods=["GET"]), *relay.routes()],
         )
         app = UnsendableCallGuard(app)
         if settings.bridge_token is not None:
-            return BearerGuard(app, settings.bridge_token.get_secret_value(), protected_prefix="/mcp")
+            return BearerGuard(app, settings.bridge_token.get_secret_value(), protected_prefixes=("/mcp", "/v1/"))
         return app
 
 
@@ -423,20 +427,22 @@ class UnsendableCallGuard:
 
 
 class BearerGuard:
-    """Requires `Authorization: Bearer <token>` on paths under a prefix, read as RFC 7235 has it
+    """Requires `Authorization: Bearer <token>` on paths under the prefixes, read as RFC 7235 has it
     (the scheme in any case, any spacing around the token); compares in constant time."""
 
-    def __init__(self, app: ASGIApp, token: str, *, protected_prefix: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, *, protected_prefixes: tuple[str, ...]) -> None:
         self.app = app
         self.expected = _digest(token.encode())
-        self.prefix = protected_prefix
+        self.prefixes = protected_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix) and not self.is_authorized(scope):
-            response = PlainTextResponse(
-                "Missing or wrong bearer token for this bridge (LLM_HUB_BRIDGE_TOKEN).",
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
+        if scope["type"] == "http" and scope["path"].startswith(self.prefixes) and not self.is_authorized(scope):
+            message = "Missing or wrong bearer token for this bridge (LLM_HUB_BRIDGE_TOKEN)."
+            challenge = {"WWW-Authenticate": "Bearer"}
+            response = (
+                openai_error(401, message, "invalid_request_error", code="invalid_api_key", headers=challenge)
+                if scope["path"].startswith("/v1/")
+                else PlainTextResponse(message, status_code=401, headers=challenge)
             )
             await response(scope, receive, send)
             return

@@ -89,6 +89,10 @@ class BridgeSettings(BaseSettings):
     parallel_slots: int = Field(
         4, ge=1, description="Calls a model serves at once, when LM Studio does not say (published in /health)."
     )
+    lmstudio_connections: int = Field(
+        64, ge=1, description="Connections to LM Studio (a quarter kept alive when idle); calls beyond wait for "
+        "one, with heartbeats.",
+    )
     include_models: CommaList = Field(["*"], description="Globs on the model id: only these become tools.")
     exclude_models: CommaList = Field([], description="Globs on the model id: these never become tools.")
     tools: Annotated[list[ToolKind], NoDecode, BeforeValidator(_split_commas)] = Field(

@@ -41,6 +41,7 @@ EXPECTED_REFUSAL = re.compile(r"status of (401|503)\b")
 
 QWEN = "qwen/qwen3-4b"
 MINISTRAL = "mistralai/ministral-3b"
+QUESTION = "What does an MCP gateway do, in two sentences?"
 ANSWER = (
     "A gateway puts one authenticated, rate-limited endpoint in front of many bridges, so a team can "
     "share the models running on a few GPU boxes. Each call goes to a healthy bridge that has the tool, "
@@ -126,11 +127,11 @@ async def test_dashboard_endpoints(tmp_path: Path) -> None:
                 response = await http.get(path)
                 assert response.status_code == 200 and kind in response.headers["content-type"], path
             assert (await http.get("/static/missing.js")).status_code == 404
-            for path in ("/v1/models", "/v1/stats"):
+            for path in ("/v1/dashboard/models", "/v1/stats"):
                 assert (await http.get(path)).status_code == 401
                 assert (await http.get(path, headers={"Authorization": "Bearer wrong"})).status_code == 401
 
-            body = (await http.get("/v1/models", headers=AUTH)).json()
+            body = (await http.get("/v1/dashboard/models", headers=AUTH)).json()
             models = {m["id"]: m for m in body["models"]}
             assert set(models) == {CHAT_MODEL, EMBED_MODEL, QWEN}
             assert models[CHAT_MODEL]["bridges"] == [f"127.0.0.1:{port}"]
@@ -152,7 +153,7 @@ async def test_dashboard_endpoints(tmp_path: Path) -> None:
 
             document = (await http.get("/openapi.json", headers=AUTH)).json()
             validate(document)
-            assert {"/v1/models", "/v1/stats", "/"} <= set(document["paths"])
+            assert {"/v1/dashboard/models", "/v1/stats", "/"} <= set(document["paths"])
             call = document["paths"]["/v1/tools/{name}"]["post"]["responses"]
             assert {"400", "404", "502", "503"} <= set(call) and "Retry-After" in call["503"]["headers"]
             assert "models" in document["components"]["schemas"]["Bridge"]["properties"]
@@ -206,6 +207,8 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
         await expect(bridges.nth(0)).to_contain_text("0 in flight")
         await expect(page.locator("#models tr", has_text=EMBED_MODEL)).to_contain_text("embedding")
         await expect(page.locator("#stats")).to_contain_text("Latency p50")
+        await expect(page.locator("#usage")).to_contain_text("No call has reached a model")
+        assert await page.locator("#usage-chart path").count() == 0
 
         async with serve(fake_b.app, port=lmstudio_b):
             # LM Studio comes up behind bridge b: the page follows without a reload.
@@ -228,7 +231,7 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
             for fake in (fake_a, fake_b):
                 fake.chunk_text, fake.chunk_delay = words, 0.05
             await page.get_by_label("Chat tool").select_option(CHAT_TOOL)
-            await page.get_by_label("Prompt").fill("What does an MCP gateway do, in two sentences?")
+            await page.get_by_label("Prompt").fill(QUESTION)
             await page.get_by_role("button", name="Run").click()
             answer = page.locator("#answer")
             await expect(answer).to_contain_text("A gateway puts one")
@@ -238,6 +241,19 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
             await expect(page.locator("#play-status")).to_have_text("Done.", timeout=20_000)
             assert (await answer.text_content() or "").strip() == ANSWER
             await expect(page.locator("#answer-meta")).to_contain_text("finished: stop")
+            # The call shows in the usage table, by key name and model, and as this minute's bar.
+            usage = page.locator("#usage tr", has_text=CHAT_MODEL)
+            await expect(usage).to_have_count(1, timeout=10_000)
+            prompt_words = len(QUESTION.split())
+            for label, value in (("Key", "tester"), ("Calls", "1"), ("Prompt tokens", str(prompt_words)),
+                                 ("Completion tokens", str(len(words)))):
+                await expect(usage.locator(f'td[data-label="{label}"]')).to_have_text(value)
+            for series in ("prompt", "completion"):
+                bar = page.locator(f"#usage-chart path.{series}")
+                await expect(bar).to_have_attribute("d", re.compile(r"^M[\d.]+,[\d.]+V[\d.]+h[\d.]+V[\d.]+Z$"))
+                box = await bar.bounding_box()
+                assert box is not None and box["height"] > 0 and box["width"] > 0, series
+            await expect(page.locator("#usage-peak")).to_contain_text(f"{prompt_words + len(words)} in the hour")
             await page.wait_for_timeout(3_500)  # one refresh, so the traffic numbers include the call
             laptop = await screenshot(page, "dashboard-laptop.png")
             if os.environ.get("LLM_HUB_UPDATE_SCREENSHOT") == "1":
@@ -307,7 +323,7 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
         await expect(page.get_by_label("Chat tool")).to_contain_text(f"{CHAT_TOOL} (unavailable)")
         await expect(page.get_by_role("button", name="Run")).to_be_disabled()
         async with httpx2.AsyncClient(headers=AUTH) as http:
-            listed = {m["id"]: m for m in (await http.get(f"{gateway}/v1/models")).json()["models"]}
+            listed = {m["id"]: m for m in (await http.get(f"{gateway}/v1/dashboard/models")).json()["models"]}
         assert listed[EMBED_MODEL]["available"] is False and listed[EMBED_MODEL]["type"] == "embedding"
         assert f"127.0.0.1:{port_a}" in listed[EMBED_MODEL]["unavailable_reason"]
         await screenshot(page, "dashboard-no-bridges.png")

@@ -330,6 +330,8 @@ async def test_auth_on_every_route_but_health(tmp_path: Path) -> None:
         while isinstance(error, BaseExceptionGroup):
             error = error.exceptions[0]
         assert isinstance(error, MCPError) and "Unknown API key" in str(error)
+        # Refusals are logged in aggregate, outside any request: a call's line carries its request id.
+        assert (await http.post(f"/v1/tools/{ALPHA}", json={"prompt": "hi"}, headers=AUTH)).status_code == 200
     logged = "".join(p.read_text() for p in tmp_path.glob("*.log"))
     assert KEY not in logged
     assert '"request_id"' in (tmp_path / "gateway.log").read_text()

@@ -55,28 +55,34 @@ async def test_mcp_tool_calls_count_against_the_same_budget(tmp_path: Path) -> N
             for _ in range(3):
                 assert not (await client.call_tool(ALPHA, {"prompt": "hi"})).is_error
             assert (await client.list_tools()).tools  # listing is not a tool call
-            with pytest.raises(Exception) as caught:  # noqa: B017 - the SDK surfaces HTTP 429 as its own error
+            with pytest.raises(Exception) as caught:  # the SDK surfaces HTTP 429 as its own error
                 await client.call_tool(ALPHA, {"prompt": "hi"})
         assert "429" in str(caught.value) or "Rate limit" in str(caught.value)
         async with httpx2.AsyncClient(headers=AUTH) as http:
             assert (await http.post(f"{top.gateway}/v1/tools/{ALPHA}", json={"prompt": "x"})).status_code == 429
 
 
+async def gateways_sharing(stack: AsyncExitStack, tmp_path: Path, fake: FakeLMStudio, env: dict[str, str]) -> list[str]:
+    """Two gateway processes with `env` (a shared Redis, say) in front of one bridge on `fake`."""
+    url = await stack.enter_async_context(serve(fake.app))
+    bridge_port = free_port()
+    await stack.enter_async_context(bridge_process(url, bridge_port, tmp_path / "bridge.log"))
+    gateways = []
+    for i in range(2):
+        port = free_port()
+        await stack.enter_async_context(
+            gateway_process([f"http://127.0.0.1:{bridge_port}"], port, tmp_path / f"gateway-{i}.log", **env)
+        )
+        gateways.append(f"http://127.0.0.1:{port}")
+    return gateways
+
+
 async def test_two_gateways_share_one_budget_in_redis(tmp_path: Path) -> None:
     fake = FakeLMStudio([FakeModel("alpha/only")])
     with redis_server() as (redis_url, _):
         async with AsyncExitStack() as stack:
-            url = await stack.enter_async_context(serve(fake.app))
-            bridge_port = free_port()
-            await stack.enter_async_context(bridge_process(url, bridge_port, tmp_path / "bridge.log"))
             env = {"LLM_HUB_API_KEYS": f"tester:{KEY}", "LLM_HUB_RATE_LIMIT": "5/minute", "LLM_HUB_REDIS_URL": redis_url}
-            gateways = []
-            for i in range(2):
-                port = free_port()
-                await stack.enter_async_context(
-                    gateway_process([f"http://127.0.0.1:{bridge_port}"], port, tmp_path / f"gateway-{i}.log", **env)
-                )
-                gateways.append(f"http://127.0.0.1:{port}")
+            gateways = await gateways_sharing(stack, tmp_path, fake, env)
             responses = await _burst(gateways, 12)
     _assert_exactly(responses, 5)
     assert len(fake.requests) == 5

@@ -15,7 +15,7 @@ let refreshes = 0; // only the latest refresh schedules the next, so loops never
 let tick = 0;
 let toolNames = "";
 const openReasons = new Set(); // model ids whose "why unavailable" the user opened
-let catalog = null; // the last /v1/models answer; its rows are redrawn on every refresh with fresh load figures
+let catalog = null; // the last /v1/dashboard/models answer; its rows are redrawn on every refresh with fresh load figures
 let shownNotices = "";
 let call = null; // the AbortController of the playground call in progress
 
@@ -136,6 +136,56 @@ function showStats(stats) {
     h("div", {}, h("dt", {}, label), h("dd", {}, value), h("dd", { class: "muted small" }, detail))));
 }
 
+function showUsage(stats) {
+  $("usage").replaceChildren(...(stats.usage.length ? stats.usage.map((row) => h("tr", {},
+    cell("Key", h("span", { class: "mono" }, row.key)),
+    cell("Model", h("span", { class: "mono" }, row.model)),
+    cell("Calls", number(row.calls)),
+    cell("Prompt tokens", number(row.prompt_tokens)),
+    cell("Completion tokens", number(row.completion_tokens)),
+  )) : [emptyRow(5, "No call has reached a model through this gateway yet.")]));
+  drawTokens(stats.tokens_per_minute);
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+const CHART = { height: 150, left: 48, top: 8, bottom: 20 };
+
+function svg(tag, props = {}, text = null) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(props)) node.setAttribute(name, value);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+// One bar per minute, oldest at the left, completion tokens stacked on prompt tokens. Each series is
+// one path of rectangles, so 60 minutes cost two elements however busy they were. Drawn at the width
+// the page gives it, so its labels keep their size on a phone.
+function drawTokens({ prompt, completion }) {
+  const { height, left, top, bottom } = CHART;
+  const chart = $("usage-chart");
+  const width = Math.max(240, Math.round(chart.getBoundingClientRect().width) || 600);
+  chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  const totals = prompt.map((value, i) => value + completion[i]);
+  const peak = Math.max(0, ...totals);
+  const floor = height - bottom;
+  const y = (value) => (floor - (peak ? (value / peak) * (floor - top) : 0)).toFixed(1);
+  const slot = (width - left) / totals.length;
+  const bars = (lows, highs) => highs.map((high, i) => (high > lows[i]
+    ? `M${(left + i * slot + 1).toFixed(1)},${y(lows[i])}V${y(high)}h${(slot - 2).toFixed(1)}V${y(lows[i])}Z` : "")).join("");
+  const zeros = totals.map(() => 0);
+  const series = [["prompt", bars(zeros, prompt)], ["completion", bars(prompt, totals)]]
+    .filter(([, d]) => d).map(([kind, d]) => svg("path", { class: kind, d }));
+  const label = (x, yAt, anchor, text) => svg("text", { x, y: yAt, "text-anchor": anchor }, text);
+  chart.replaceChildren($("usage-chart-title"),
+    svg("line", { class: "axis", x1: left, y1: floor, x2: width, y2: floor }),
+    label(left - 6, top + 8, "end", number(peak)), label(left - 6, floor, "end", "0"),
+    label(left, height - 4, "start", "60 min ago"), label(width, height - 4, "end", "now"),
+    ...series);
+  $("usage-peak").textContent = peak
+    ? `· peak ${number(peak)} tokens in a minute, ${number(totals.reduce((sum, n) => sum + n, 0))} in the hour`
+    : "· none in the last hour";
+}
+
 // Where a model is: every bridge that lists it or reports it, with its load there (from /v1/bridges,
 // which is fresh on every refresh) or that it is down.
 function whereLoaded(model, bridges) {
@@ -245,11 +295,12 @@ async function update() {
       getJSON("/v1/bridges"), getJSON("/v1/tools"), getJSON("/v1/stats")]);
     showBridges(bridges.bridges);
     showStats(stats);
+    showUsage(stats);
     showTools(tools.tools);
     const names = tools.tools.map((tool) => `${tool.name}:${tool.available}`).join(" ");
     if (tick++ % MODELS_EVERY === 0 || names !== toolNames || !catalog) {
       toolNames = names;
-      catalog = await getJSON("/v1/models");
+      catalog = await getJSON("/v1/dashboard/models");
     }
     showModels(catalog, bridges.bridges, tools.tools);
     showNotices(notices(health, bridges.bridges));

@@ -20,6 +20,9 @@
 //   cancel --tool T             aborts a call after its first progress message, then stays
 //                               connected until a line (or EOF) on stdin, so the test can see the
 //                               bridge drop the upstream request while the connection still stands
+//   again --tool T              a call ({"called"}), then another once a line arrives on stdin
+//                               ({"called_again"}), each with its result or error, so the test can
+//                               change the server in between (a gateway replica restarted)
 import { createRequire } from 'node:module';
 import { parseArgs } from 'node:util';
 
@@ -166,6 +169,14 @@ async function main() {
       process.stdin.once('data', resolve);
       process.stdin.once('end', resolve);
     });
+  } else if (scenario === 'again') {
+    const call = () => sdk.callTool(client, { name: opts.tool, arguments: { prompt: 'again' } }).then(
+      (result) => ({ isError: !!result.isError, text: textOf(result) }),
+      (error) => ({ error: String(error?.message ?? error) }),
+    );
+    say({ event: 'called', ...(await call()) });
+    await new Promise((resolve) => process.stdin.once('data', resolve));
+    say({ event: 'called_again', ...(await call()) });
   } else {
     throw new Error(`unknown scenario ${scenario}`);
   }
