@@ -39,6 +39,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+async def clear_of_minute_boundary(needed: float = 15.0) -> None:
+    """Waits, if need be, until the current minute has `needed` seconds left.
+
+    Per-minute limits use `limits`' sliding-window counter, which rounds the previous minute's
+    weighted count down: just after a minute boundary one call more than the limit may pass. Tests
+    that count calls exactly do their counting inside one minute.
+    """
+    left = 60 - time.time() % 60
+    if left < needed:
+        await anyio.sleep(left + 0.05)
+
+
 def llm_hub_command() -> str:
     """The installed `llm-hub` console script beside this interpreter."""
     found = Path(sys.executable).with_name("llm-hub")

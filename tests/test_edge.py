@@ -34,7 +34,16 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from tests.conftest import CHAT_MODEL, CHAT_TOOL, bridge_process, free_port, gateway_process, redis_server, service
+from tests.conftest import (
+    CHAT_MODEL,
+    CHAT_TOOL,
+    bridge_process,
+    clear_of_minute_boundary,
+    free_port,
+    gateway_process,
+    redis_server,
+    service,
+)
 from tests.fake_lmstudio import FakeLMStudio, FakeModel, serve
 from tests.test_gateway_calls_e2e import ANSWER, BRIDGE_ENV, Calls, until
 from tests.test_gateway_e2e import AUTH, KEY, _text
@@ -418,6 +427,7 @@ async def test_half_sent_connections_held_against_the_edge_starve_no_client(top:
 
 
 async def test_the_shared_rate_limit_holds_through_the_edge(top: Edge) -> None:
+    await clear_of_minute_boundary()
     generations = sum(len(fake.requests) for fake in top.fakes)
     answers: list[httpx2.Response] = []
 

@@ -10,7 +10,7 @@ import anyio
 import httpx2
 import pytest
 
-from tests.conftest import bridge_process, free_port, gateway_process, redis_server
+from tests.conftest import bridge_process, clear_of_minute_boundary, free_port, gateway_process, redis_server
 from tests.fake_lmstudio import FakeLMStudio, FakeModel, serve
 from tests.test_gateway_e2e import ALPHA, AUTH, KEY, gateway_client, topology
 
@@ -41,6 +41,7 @@ def _assert_exactly(responses: list[httpx2.Response], passed: int) -> None:
 
 async def test_exactly_n_of_m_concurrent_calls_pass(tmp_path: Path) -> None:
     async with topology(tmp_path, {"LLM_HUB_RATE_LIMIT": "5/minute"}) as top:
+        await clear_of_minute_boundary()
         responses = await _burst([top.gateway], 12)
         _assert_exactly(responses, 5)
         async with httpx2.AsyncClient(headers=AUTH) as http:  # other requests have their own budget
@@ -51,6 +52,7 @@ async def test_exactly_n_of_m_concurrent_calls_pass(tmp_path: Path) -> None:
 
 async def test_mcp_tool_calls_count_against_the_same_budget(tmp_path: Path) -> None:
     async with topology(tmp_path, {"LLM_HUB_RATE_LIMIT": "3/minute"}) as top:
+        await clear_of_minute_boundary()
         async with gateway_client(top, "legacy") as client:
             for _ in range(3):
                 assert not (await client.call_tool(ALPHA, {"prompt": "hi"})).is_error
@@ -83,6 +85,7 @@ async def test_two_gateways_share_one_budget_in_redis(tmp_path: Path) -> None:
         async with AsyncExitStack() as stack:
             env = {"LLM_HUB_API_KEYS": f"tester:{KEY}", "LLM_HUB_RATE_LIMIT": "5/minute", "LLM_HUB_REDIS_URL": redis_url}
             gateways = await gateways_sharing(stack, tmp_path, fake, env)
+            await clear_of_minute_boundary()
             responses = await _burst(gateways, 12)
     _assert_exactly(responses, 5)
     assert len(fake.requests) == 5

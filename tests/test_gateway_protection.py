@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from gateway.auth import ApiKeyAuth, FailureTally
 from gateway.upstream import PROTOCOL_VERSION, modern_meta
-from tests.conftest import bridge_process, free_port, gateway_command, redis_server, service
+from tests.conftest import bridge_process, clear_of_minute_boundary, free_port, gateway_command, redis_server, service
 from tests.fake_lmstudio import DEFAULT_CHUNKS, FakeLMStudio, FakeModel, serve
 from tests.test_gateway_calls_e2e import bridge_states, ejections, held, hold, release, until
 from tests.test_gateway_e2e import ALPHA, AUTH, KEY, SHARED, Topology, gateway_client, topology
@@ -387,6 +387,7 @@ async def test_a_frozen_redis_costs_one_timeout_then_nothing_and_limits_return_a
             finally:
                 redis.send_signal(signal.SIGCONT)
             await until(lambda: "store) is back" in log.read_text(), "the probe to find Redis again", 15)
+            await clear_of_minute_boundary(10)
             statuses = [
                 (await http.post(f"/v1/tools/{ALPHA}", json={"prompt": "hi"}, headers=AUTH)).status_code
                 for _ in range(5)

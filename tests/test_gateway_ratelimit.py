@@ -22,7 +22,7 @@ from starlette.routing import Route
 from gateway.auth import ApiKeyAuth
 from gateway.ratelimit import MAX_INSPECTED_BODY, RateLimiter, RateLimitMiddleware
 from gateway.settings import GatewaySettings
-from tests.conftest import redis_server
+from tests.conftest import clear_of_minute_boundary, redis_server
 from tests.fake_lmstudio import serve
 
 pytestmark = pytest.mark.anyio
@@ -77,6 +77,7 @@ async def gateway(config: GatewaySettings) -> AsyncIterator[Gateway]:
     stack = ApiKeyAuth(RateLimitMiddleware(app, limiter, on_reject=rejected.append), keys)
     try:
         async with serve(stack) as url:
+            await clear_of_minute_boundary(5)  # the tests count within seconds, under anyio.fail_after(10)
             yield Gateway(url, rejected)
     finally:
         await limiter.aclose()

@@ -14,6 +14,7 @@ import httpx2
 import openai
 import pytest
 
+from tests.conftest import clear_of_minute_boundary
 from tests.fake_lmstudio import DEFAULT_CHUNKS, FakeLMStudio, FakeModel, marker
 from tests.test_gateway_calls_e2e import BRIDGE_ENV, LIMITS, until
 from tests.test_gateway_e2e import KEY, Topology, topology
@@ -172,6 +173,7 @@ async def test_errors_are_openai_exceptions(tmp_path: Path) -> None:
 
 async def test_rate_limit_is_shared_with_tool_calls(tmp_path: Path) -> None:
     async with openai_topology(tmp_path, LLM_HUB_RATE_LIMIT="2/minute") as top, client(top) as oai:
+        await clear_of_minute_boundary()
         async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}) as http:
             tool_call = await http.post(f"{top.gateway}/v1/tools/{ALPHA_TOOL}", json={"prompt": "hi"})
             assert tool_call.status_code == 200
