@@ -44,10 +44,11 @@ from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import current_request_id
 from gateway.router import Router, Unavailable
 from gateway.server import InvalidInput, ToolCaller, UnknownTool
-from gateway.upstream import BridgeDown, CallFailed, GatewayBusy, UpstreamError
+from gateway.upstream import BridgeDown, CallFailed, GatewayBusy
 from gateway.usage import UsageRefused
 from mcp_server.body import buffer_body
 from mcp_server.jsonsafe import refused_tool_call
+from mcp_server.openai_relay import until_caller_leaves
 
 _FORWARDED = {"content-type", "accept", MCP_PROTOCOL_VERSION_HEADER, MCP_METHOD_HEADER, MCP_NAME_HEADER}
 _SERVER_INFO = {"io.modelcontextprotocol/serverInfo": {"name": "llm-hub-gateway", "version": __version__}}
@@ -173,28 +174,12 @@ class FastPath:
         Returns the outcome. Raises BridgeDown and CallFailed only before anything was sent.
         """
         outcome: ToolOutcome = "error"
-        failure: UpstreamError | None = None
-        left = False
 
-        async def watch_caller() -> None:
-            nonlocal left
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            left = True
-            tg.cancel_scope.cancel()
+        async def work(sending: Send) -> None:
+            nonlocal outcome
+            outcome = await self._answer_from(bridge, body, headers, ident, sending, deadline)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch_caller)
-            try:
-                outcome = await self._answer_from(bridge, body, headers, ident, send, deadline)
-            except UpstreamError as exc:
-                failure = exc  # raised after the group, as itself rather than inside an exception group
-            tg.cancel_scope.cancel()
-        if left:
-            return "cancelled"
-        if failure is not None:
-            raise failure
-        return outcome
+        return "cancelled" if await until_caller_leaves(receive, send, work) else outcome
 
     async def _answer_from(
         self, bridge: Bridge, body: bytes, headers: dict[str, str], ident: types.RequestId, send: Send,

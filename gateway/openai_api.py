@@ -173,7 +173,8 @@ class OpenAIApi:
                 outcome = "cancelled"
         finally:
             self.caller.observe(tool, bridge_name, outcome, started)
-            await self.accounting.charge(key_name, model, call.prompt_tokens, call.completion_tokens)
+            if bridge_name != "none":  # usage is what a bridge served; a call none could take used nothing
+                await self.accounting.charge(key_name, model, call.prompt_tokens, call.completion_tokens)
 
     async def _tool(self, key_name: str | None, model: str) -> str | Response:
         """The tool to route the call as, or the refusal when this key cannot call this model now."""

@@ -93,8 +93,9 @@ async def until_caller_leaves(receive: Receive, send: Send, work: Callable[[Send
         nonlocal left
         while (await receive())["type"] != "http.disconnect":
             pass
-        left = not complete
-        tg.cancel_scope.cancel()
+        if not complete:  # after a complete answer, `work` is left to read its upstream to the end
+            left = True
+            tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
