@@ -31,6 +31,7 @@ from mcp_types.version import LATEST_MODERN_VERSION
 from pydantic import ValidationError
 
 from gateway import __version__
+from mcp_server.httpclient import async_transport
 from mcp_server.openai_relay import SOURCE_HEADER as RELAY_SOURCE_HEADER
 
 PROTOCOL_VERSION = LATEST_MODERN_VERSION
@@ -91,15 +92,17 @@ class BridgeClient:
         # The read timeout only has to outlast the bridge's heartbeats (at most 5 s apart). A call that finds
         # every connection taken waits for one within its own deadline: the pool is a queue (the caller gets
         # heartbeats meanwhile), not a shortage to report.
+        limits = httpx2.Limits(
+            max_connections=connections,
+            max_keepalive_connections=max(1, connections // 4),
+            keepalive_expiry=KEEPALIVE_SECONDS,
+        )
         self.http = httpx2.AsyncClient(
             base_url=url,
             headers=headers,
             timeout=httpx2.Timeout(timeout, connect=5.0, read=60.0, pool=timeout),
-            limits=httpx2.Limits(
-                max_connections=connections,
-                max_keepalive_connections=max(1, connections // 4),
-                keepalive_expiry=KEEPALIVE_SECONDS,
-            ),
+            limits=limits,  # for a proxy from the environment, which gets a stock transport
+            transport=async_transport(limits),
         )
         # Health checks have a connection of their own, so a pool full of calls never delays one or reads as a
         # failed check.

@@ -90,8 +90,8 @@ class BridgeSettings(BaseSettings):
         4, ge=1, description="Calls a model serves at once, when LM Studio does not say (published in /health)."
     )
     lmstudio_connections: int = Field(
-        64, ge=1, description="Connections to LM Studio (a quarter kept alive when idle); calls beyond wait for "
-        "one, with heartbeats.",
+        64, ge=1, description="Connections to LM Studio (kept for reuse, an idle one closed after 3 s); calls "
+        "beyond wait for one, with heartbeats.",
     )
     include_models: CommaList = Field(["*"], description="Globs on the model id: only these become tools.")
     exclude_models: CommaList = Field([], description="Globs on the model id: these never become tools.")
