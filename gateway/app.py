@@ -57,7 +57,7 @@ class Gateway:
         self.mcp = GatewayServer(self.pool, self.caller)
         self.rest = RestApi(self.pool, self.caller)
         self.dashboard = Dashboard(self.pool, self.metrics, self.accounting)
-        self.openai = OpenAIApi(self.pool, self.router, self.caller, self.accounting, settings)
+        self.openai = OpenAIApi(self.caller)
 
     async def _tools_changed(self) -> None:
         await self.mcp.notifier.tools_changed()

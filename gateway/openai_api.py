@@ -31,14 +31,14 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.auth import key_name_of
 from gateway.metrics import ToolOutcome
-from gateway.pool import Bridge, BridgePool
+from gateway.pool import Bridge
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import current_request_id
-from gateway.router import Router, Unavailable
+from gateway.router import Unavailable
 from gateway.server import ToolCaller
 from gateway.settings import GatewaySettings
 from gateway.upstream import CallFailed, GatewayBusy
-from gateway.usage import Accounting, Forbidden, OverBudget
+from gateway.usage import Forbidden, OverBudget
 from mcp_server.body import buffer_body
 from mcp_server.jsonsafe import unsendable
 from mcp_server.openai_relay import SOURCE_HEADER as RELAY_SOURCE_HEADER
@@ -79,14 +79,9 @@ class _Call:
 
 
 class OpenAIApi:
-    def __init__(
-        self, pool: BridgePool, router: Router, caller: ToolCaller, accounting: Accounting, settings: GatewaySettings
-    ) -> None:
-        self.pool = pool
-        self.router = router
-        self.caller = caller
-        self.accounting = accounting
-        self.settings = settings
+    def __init__(self, caller: ToolCaller) -> None:
+        self.caller = caller  # the tool-call path's parts: OpenAI calls share its routing, limits and usage
+        self.pool, self.router, self.accounting, self.settings = caller.pool, caller.router, caller.accounting, caller.settings
         self.started = int(time.time())
 
     def routes(self) -> list[BaseRoute]:

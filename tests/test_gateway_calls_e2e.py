@@ -190,6 +190,15 @@ def rest_client(top: Topology) -> httpx2.AsyncClient:
     return httpx2.AsyncClient(base_url=top.gateway, headers=AUTH, timeout=60)
 
 
+async def held_fleet(stack: AsyncExitStack, tmp_path: Path) -> tuple[Topology, dict[str, Client], httpx2.AsyncClient]:
+    """A fleet, an SDK client per era and a REST client, opened on `stack`, with the fakes' gate closed."""
+    top = await stack.enter_async_context(fleet(tmp_path))
+    clients = {mode: await stack.enter_async_context(gateway_client(top, mode)) for mode in ("legacy", "auto")}
+    http = await stack.enter_async_context(rest_client(top))
+    hold(top)
+    return top, clients, http
+
+
 # -- poison: input no JSON encoder writes back ---------------------------------------------------
 
 PLACEHOLDER = "__poison__"
@@ -281,10 +290,7 @@ async def test_poison_calls_are_refused_at_the_edge_and_harm_no_call_in_flight(t
 
 async def test_a_malformed_chunk_fails_that_call_alone(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
-        top = await stack.enter_async_context(fleet(tmp_path))
-        clients = {mode: await stack.enter_async_context(gateway_client(top, mode)) for mode in ("legacy", "auto")}
-        http = await stack.enter_async_context(rest_client(top))
-        hold(top)
+        top, clients, http = await held_fleet(stack, tmp_path)
         async with anyio.create_task_group() as tg:
             calls = Calls(tg)
             for i in range(20):  # ALPHA lives behind bridge a only
@@ -309,10 +315,7 @@ async def test_a_malformed_chunk_fails_that_call_alone(tmp_path: Path) -> None:
 
 async def test_a_bridge_killed_under_load_fails_only_calls_already_streaming_to_their_caller(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
-        top = await stack.enter_async_context(fleet(tmp_path))
-        clients = {mode: await stack.enter_async_context(gateway_client(top, mode)) for mode in ("legacy", "auto")}
-        http = await stack.enter_async_context(rest_client(top))
-        hold(top)
+        top, clients, http = await held_fleet(stack, tmp_path)
         async with anyio.create_task_group() as tg:
             calls = Calls(tg)
             for i in range(12):  # text streams to these callers as it comes
